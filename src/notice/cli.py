@@ -1,0 +1,147 @@
+"""The `notice` command line: one verb per step of the pipeline, plus `demo`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from notice.errors import NoticeError
+from notice.models import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Find where and how vision-language models combine image and text (NOTICE).")
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOption = typer.Option(DEFAULT_MODEL, "--model", "-m",
+                           help="Embedded model name, local folder, or hub id (e.g. Salesforce/blip-vqa-base).")
+DeviceOption = typer.Option("cpu", "--device", help="torch device: cpu, cuda, cuda:1, ...")
+DtypeOption = typer.Option("float32", "--dtype", help="float32 (default), bfloat16 or float16.")
+
+
+def _fail(error: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def ask(image: Path = typer.Argument(..., help="Image file (PNG, JPEG)."),
+        question: str = typer.Argument(..., help="Question about the image."),
+        model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
+        top: int = typer.Option(5, help="How many candidate answers to list.")) -> None:
+    """Answer a question about an image and show the top candidate answers."""
+    try:
+        import torch
+
+        from notice.io import load_image
+        from notice.models import load_model
+
+        if not question.strip():
+            raise NoticeError("empty question: ask something about the image, e.g. \"what color is the shape?\"")
+        picture = load_image(image)
+        adapter = load_model(model, device=device, dtype=dtype)
+        answer = adapter.generate([picture], [question])[0]
+        probs = torch.softmax(adapter.answer_logits([picture], [question])[0], dim=-1)
+    except NoticeError as error:
+        _fail(error)
+    console.print(f"[bold]{answer}[/]")
+    values, ids = probs.topk(min(top, probs.numel()))
+    table = Table("first answer token", "p", title="top candidates (first answer step)")
+    for value, token in zip(values.tolist(), adapter.tokenizer.convert_ids_to_tokens(ids.tolist())):
+        table.add_row(token, f"{value:.4f}")
+    console.print(table)
+
+
+@app.command()
+def info(model: str = ModelOption, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show a model's streams, layers, heads, image tokens and site names."""
+    from notice.models import load_model
+    from notice.patching.sites import site_catalogue
+
+    try:
+        adapter = load_model(model)
+    except NoticeError as error:
+        _fail(error)
+    facts = adapter.describe()
+    if as_json:
+        facts["sites"] = site_catalogue(adapter.streams)
+        console.print_json(json.dumps(facts))
+        return
+    console.print(f"[bold]{facts['name']}[/] ({facts['family']}), {facts['image_tokens']} image tokens, "
+                  f"vocabulary {facts['vocab_size']}")
+    table = Table("stream", "layers", "heads", "head size", "width", "components", "positions", "what")
+    for s in adapter.streams.values():
+        table.add_row(s.name, str(s.layers), str(s.heads), str(s.head_dim), str(s.hidden),
+                      ", ".join(s.components), s.positions, s.description)
+    console.print(table)
+    console.print("[bold]sites[/] (stream.layer.component[.headH]@position):")
+    for line in site_catalogue(adapter.streams):
+        console.print(f"  {line}", highlight=False)
+
+
+@app.command()
+def evaluate(model: str = ModelOption, split: str = typer.Option("test", help="easy-VQA split."),
+             images: Optional[int] = typer.Option(None, help="Use only the first N images."),
+             seed: int = typer.Option(0, help="Seed of the two-way choice questions."),
+             out: Optional[Path] = typer.Option(None, help="Write the accuracies as JSON here.")) -> None:
+    """Accuracy on easy-VQA per question kind (yes/no, colour, shape, two-way choice)."""
+    from notice.evaluation import easy_vqa_accuracy
+
+    try:
+        result = easy_vqa_accuracy(model, split=split, limit_images=images, seed=seed)
+    except NoticeError as error:
+        _fail(error)
+    _print_accuracy(result)
+    if out:
+        from notice.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
+def _print_accuracy(result: dict) -> None:
+    table = Table("question kind", "questions", "accuracy",
+                  title=f"easy-VQA {result['split']}: {result['images']} images, {result['questions']} questions")
+    for kind, accuracy in result["accuracy"].items():
+        table.add_row(kind, str(result["counts"][kind]), f"{100 * accuracy:.2f}%")
+    console.print(table)
+
+
+@app.command("train-default")
+def train_default(out: Path = typer.Option(Path("src/notice/assets/easyvqa-blip"), help="Output folder."),
+                  seed: int = typer.Option(0, help="Seed of every random choice in the recipe."),
+                  eval_each_epoch: bool = typer.Option(False, help="Report test accuracy after every epoch.")) -> None:
+    """Train the embedded default model (small BLIP on easy-VQA) and write its model card."""
+    from notice.training.card import write_model_card
+    from notice.training.default_blip import Recipe
+    from notice.training.default_blip import train_default as run
+
+    summary = run(out, Recipe(seed=seed), log=console.print, eval_every_epoch=eval_each_epoch)
+    write_model_card(out, summary, log=console.print)
+
+
+@app.command()
+def demo(model: str = ModelOption, images: int = typer.Option(200, help="easy-VQA test images to evaluate.")) -> None:
+    """The main job on the embedded default model: load it and measure it on easy-VQA test questions."""
+    from notice.evaluation import easy_vqa_accuracy
+
+    try:
+        result = easy_vqa_accuracy(model, split="test", limit_images=images, seed=0)
+    except NoticeError as error:
+        _fail(error)
+    _print_accuracy(result)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

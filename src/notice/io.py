@@ -1,0 +1,40 @@
+"""File input and output at the boundary: images in, whole files out (never half-written)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from notice.errors import NoticeError
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image, or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoticeError(f"image not found: {path} (check the path)")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise NoticeError(f"cannot read image {path}: {error.__class__.__name__}; use a PNG or JPEG file") from error
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` only on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)

@@ -1,0 +1,93 @@
+"""The Pair record: one clean input, one corrupted input, and the two answers that tell them apart.
+
+Every task emits Pairs; selection filters them; patching reads them. On disk a set of pairs
+is one Parquet file readable with pandas; image paths are stored relative to that file's
+folder (derived images are PNG files beside it), metadata as a JSON string column.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from notice.errors import NoticeError
+from notice.io import atomic_path
+
+CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise")
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    task: str
+    corruption: str  # one of CORRUPTIONS
+    clean_image: str
+    corrupt_image: str  # the clean image again for text corruptions and noise
+    clean_prompt: str
+    corrupt_prompt: str  # the clean prompt again for image corruptions and noise
+    correct: str  # the right answer for the clean input
+    incorrect: str  # the contrasting answer (right for the corrupted input where one exists)
+    metadata: dict[str, Any] = field(default_factory=dict)  # svo role, state category, emotion, mask, ...
+
+    @property
+    def modality(self) -> str:
+        return "image" if self.corruption.startswith("image") else "text"
+
+    def __post_init__(self) -> None:
+        if self.corruption not in CORRUPTIONS:
+            raise ValueError(f"pair {self.id}: unknown corruption {self.corruption!r}; use one of {CORRUPTIONS}")
+
+
+COLUMNS = [f.name for f in fields(Pair)]
+
+
+def write_pairs(pairs: Iterable[Pair], path: str | Path) -> Path:
+    """Write pairs as Parquet (whole file or nothing); image paths become relative to its folder."""
+    path = Path(path)
+    root = path.parent.resolve()
+    rows = []
+    for pair in pairs:
+        row = asdict(pair)
+        for key in ("clean_image", "corrupt_image"):
+            row[key] = _relative(Path(row[key]), root)
+        row["metadata"] = json.dumps(row["metadata"], sort_keys=True)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return path
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    """Pairs from a Parquet file written by `write_pairs`; image paths resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoticeError(f"pairs file not found: {path} (make one with `notice pairs`)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as error:
+        raise NoticeError(f"cannot read pairs file {path}: {error.__class__.__name__}; "
+                          "it must be Parquet written by `notice pairs`") from error
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise NoticeError(f"pairs file {path} lacks column(s) {', '.join(missing)}; rebuild it with `notice pairs`")
+    root = path.parent.resolve()
+    pairs = []
+    for row in frame[COLUMNS].to_dict("records"):
+        for key in ("clean_image", "corrupt_image"):
+            row[key] = str(root / row[key]) if not Path(row[key]).is_absolute() else row[key]
+        row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}
+        pairs.append(Pair(**row))
+    return pairs
+
+
+def _relative(image: Path, root: Path) -> str:
+    image = image.resolve()
+    try:
+        return str(image.relative_to(root))
+    except ValueError:
+        return str(image)

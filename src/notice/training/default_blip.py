@@ -1,0 +1,247 @@
+"""The recipe of the embedded default model: a small BLIP trained on easy-VQA.
+
+Two stages, both seeded:
+  1. the vision encoder learns colour and shape as image classification (a linear
+     probe on the mean patch state, thrown away afterwards): shapes are the slow
+     part of easy-VQA for a ViT trained from scratch, and this stage is cheap;
+  2. the whole model learns to answer easy-VQA's questions plus two-way choice
+     questions ("is the shape red or blue?"), with each image's vision pass shared
+     by its questions.
+Images are augmented by the eight flips and quarter turns, which keep colour and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from notice.evaluation import evaluate_model
+from notice.tasks import easy_vqa
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    hidden: int = 128
+    vision_layers: int = 4
+    text_layers: int = 3  # text encoder and answer decoder (one BLIP setting)
+    heads: int = 4
+    mlp: int = 512
+    choice_per_kind: int = 2  # two-way colour and shape questions per image and epoch
+    stage1_epochs: int = 6
+    stage1_batch: int = 64
+    stage1_lr: float = 2e-3
+    stage2_epochs: int = 6
+    images_per_step: int = 32
+    questions_per_image: int = 8
+    stage2_lr: float = 1e-3
+    weight_decay: float = 0.01
+    threads: int = 2
+
+
+def build_vocab(questions: list[easy_vqa.Question]) -> list[str]:
+    """WordPiece vocabulary: special tokens, every word of the questions and answers,
+    and single letters (plain and ##) so that any lower-case word still tokenizes."""
+    words = set()
+    for q in questions:
+        for word in q.question.replace("?", " ? ").split() + [q.answer]:
+            words.add(word)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = sorted(words - set(letters)) + letters + ["##" + c for c in letters] + list("?.,!'-") + list("0123456789")
+    return SPECIAL_TOKENS + list(dict.fromkeys(pieces))
+
+
+def build_processor(vocab: list[str], image_size: int, folder: Path):
+    from transformers import BertTokenizer, BlipImageProcessorPil, BlipProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True, bos_token="[DEC]",
+                              additional_special_tokens=["[ENC]"], model_max_length=32)
+    image_processor = BlipImageProcessorPil(size={"height": image_size, "width": image_size})
+    return BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_model(recipe: Recipe, vocab_size: int, token_ids: dict[str, int]):
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    vision = dict(image_size=recipe.image_size, patch_size=recipe.patch_size, hidden_size=recipe.hidden,
+                  intermediate_size=recipe.mlp, num_hidden_layers=recipe.vision_layers,
+                  num_attention_heads=recipe.heads, initializer_range=0.02)
+    text = dict(vocab_size=vocab_size, hidden_size=recipe.hidden, intermediate_size=recipe.mlp,
+                num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.heads,
+                max_position_embeddings=32, encoder_hidden_size=recipe.hidden,
+                pad_token_id=token_ids["[PAD]"], bos_token_id=token_ids["[DEC]"], sep_token_id=token_ids["[SEP]"])
+    config = BlipConfig(vision_config=vision, text_config=text)
+    torch.manual_seed(recipe.seed)
+    return BlipForQuestionAnswering(config)
+
+
+# ------------------------------------------------------------------------ data
+def load_pixels(paths: list[Path], mean: tuple, std: tuple) -> torch.Tensor:
+    """Images as the processor normalises them ([N, 3, H, W]); easy-VQA is already 64 px."""
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]).astype(np.float32) / 255.0
+    pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+    return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random horizontal flip per image: colour and shape are unchanged, and triangles
+    still point up as in easy-VQA (quarter turns would show the model shapes it never meets)."""
+    flips = torch.rand(len(pixels), generator=generator) < 0.5
+    return torch.where(flips.view(-1, 1, 1, 1), pixels.flip(3), pixels)
+
+
+def encode_questions(tokenizer, questions: list[str]) -> dict[str, torch.Tensor]:
+    return tokenizer(questions, padding=True, return_tensors="pt", return_token_type_ids=False)
+
+
+# ------------------------------------------------------------------- training
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor, log) -> None:
+    vision = model.vision_model
+    head = torch.nn.Linear(recipe.hidden, len(easy_vqa.COLORS) + len(easy_vqa.SHAPES))
+    params = list(vision.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    steps_per_epoch = math.ceil(len(pixels) / recipe.stage1_batch)
+    total = recipe.stage1_epochs * steps_per_epoch
+    step = 0
+    for epoch in range(recipe.stage1_epochs):
+        order = torch.randperm(len(pixels), generator=generator)
+        correct_shape = 0
+        for start in range(0, len(pixels), recipe.stage1_batch):
+            idx = order[start:start + recipe.stage1_batch]
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.stage1_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
+            states = vision(pixel_values=augment(pixels[idx], generator)).last_hidden_state
+            logits = head(states[:, 1:].mean(dim=1))
+            n_colors = len(easy_vqa.COLORS)
+            loss = F.cross_entropy(logits[:, :n_colors], colors[idx]) + F.cross_entropy(logits[:, n_colors:], shapes[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            correct_shape += int((logits[:, n_colors:].argmax(1) == shapes[idx]).sum())
+            step += 1
+        log(f"stage 1 epoch {epoch + 1}/{recipe.stage1_epochs}: loss {loss.item():.3f}, "
+            f"train shape accuracy {correct_shape / len(pixels):.3f}")
+
+
+def train_stage2(model, recipe: Recipe, tokenizer, pixels: torch.Tensor, image_index: dict[int, int],
+                 questions_by_image: dict[int, list[easy_vqa.Question]], log, evaluate=None) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    rng = random.Random(recipe.seed + 3)
+    image_ids = sorted(questions_by_image)
+    steps_per_epoch = math.ceil(len(image_ids) / recipe.images_per_step)
+    total = recipe.stage2_epochs * steps_per_epoch
+    sep = tokenizer.sep_token_id
+    step = 0
+    for epoch in range(recipe.stage2_epochs):
+        rng.shuffle(image_ids)
+        seen = correct = 0
+        start_time = time.time()
+        for start in range(0, len(image_ids), recipe.images_per_step):
+            batch_images = image_ids[start:start + recipe.images_per_step]
+            owner, texts, answers = [], [], []
+            for slot, image_id in enumerate(batch_images):
+                pool = questions_by_image[image_id]
+                for q in rng.sample(pool, min(recipe.questions_per_image, len(pool))):
+                    owner.append(slot)
+                    texts.append(q.question)
+                    answers.append(q.answer)
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.stage2_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
+            enc = encode_questions(tokenizer, texts)
+            answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+            first = torch.tensor([ids[0] for ids in answer_ids])
+            image_pixels = augment(pixels[[image_index[i] for i in batch_images]], generator)
+            image_states = model.vision_model(pixel_values=image_pixels).last_hidden_state
+            owner_t = torch.tensor(owner)
+            question_states = model.text_encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                 encoder_hidden_states=image_states[owner_t]).last_hidden_state
+            decoder_ids = torch.stack([torch.full_like(first, tokenizer.bos_token_id), first], dim=1)
+            logits = model.text_decoder(input_ids=decoder_ids, encoder_hidden_states=question_states,
+                                        encoder_attention_mask=enc["attention_mask"]).logits
+            # answers are one wordpiece in this vocabulary: predict it, then [SEP]
+            loss = F.cross_entropy(logits[:, 0], first) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(first, sep))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            seen += len(first)
+            correct += int((logits[:, 0].argmax(1) == first).sum())
+            step += 1
+        log(f"stage 2 epoch {epoch + 1}/{recipe.stage2_epochs}: loss {loss.item():.3f}, train accuracy "
+            f"{correct / seen:.3f}, {time.time() - start_time:.0f} s")
+        if evaluate is not None:
+            evaluate(epoch)
+
+
+def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_every_epoch: bool = False) -> dict:
+    """Train the embedded default model from easy-VQA and save it (with processor) to `out_dir`."""
+    recipe = recipe or Recipe()
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    started = time.time()
+    out_dir = Path(out_dir)
+
+    train_questions = easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+    vocab = build_vocab(train_questions + list(easy_vqa.load_questions("test")))
+    processor = build_processor(vocab, recipe.image_size, out_dir)
+    tokenizer = processor.tokenizer
+    model = build_model(recipe, len(vocab), {t: vocab.index(t) for t in SPECIAL_TOKENS})
+    model.train()
+
+    paths = easy_vqa.image_paths("train")
+    image_ids = sorted(paths)
+    image_index = {image_id: i for i, image_id in enumerate(image_ids)}
+    ip = processor.image_processor
+    pixels = load_pixels([paths[i] for i in image_ids], ip.image_mean, ip.image_std)
+    labels = easy_vqa.image_labels("train")
+    labelled = [i for i in image_ids if i in labels]
+    colors = torch.tensor([easy_vqa.COLORS.index(labels[i].color) for i in labelled])
+    shapes = torch.tensor([easy_vqa.SHAPES.index(labels[i].shape) for i in labelled])
+    log(f"easy-VQA train: {len(image_ids)} images ({len(labelled)} labelled), {len(train_questions)} questions, "
+        f"vocabulary {len(vocab)}")
+
+    train_stage1(model, recipe, pixels[[image_index[i] for i in labelled]], colors, shapes, log)
+
+    questions_by_image: dict[int, list[easy_vqa.Question]] = {}
+    for q in train_questions:
+        questions_by_image.setdefault(q.image_id, []).append(q)
+
+    def evaluate(epoch: int) -> None:
+        if eval_every_epoch:
+            model.eval()
+            result = evaluate_model(model, processor, "test", seed=recipe.seed, limit_images=300)
+            log(f"  test (300 images): {json.dumps(result['accuracy'])}")
+            model.train()
+
+    train_stage2(model, recipe, tokenizer, pixels, image_index, questions_by_image, log, evaluate)
+    model.eval()
+    minutes = (time.time() - started) / 60
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    log(f"trained in {minutes:.1f} min; saved to {out_dir}")
+    return {"recipe": asdict(recipe), "train_minutes": round(minutes, 1), "vocab_size": len(vocab)}
