@@ -114,15 +114,35 @@ class BlipAdapter:
         return ids
 
     # ----------------------------------------------------------------- stages
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] → image_states [B, I, D]."""
-        return self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch + position embeddings before the first vision layer, [B, I, D]."""
+        return self.model.vision_model.embeddings(pixel_values)
 
-    def encode_question(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        image_states: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor | None = None,
+                     image_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, H, W] (or its embeddings, e.g. with noise added) → image_states [B, I, D]."""
+        vision = self.model.vision_model
+        if image_embeddings is None:
+            image_embeddings = self.embed_image(pixel_values)
+        return vision.post_layernorm(vision.encoder(inputs_embeds=image_embeddings).last_hidden_state)
+
+    def embed_question(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Word + position embeddings (after their LayerNorm) before the first text layer, [B, T, D]."""
+        return self.model.text_encoder.embeddings(input_ids=input_ids)
+
+    def encode_question(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+                        image_states: torch.Tensor, question_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Question tokens cross-attending the image → question_states [B, T, D]."""
-        return self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+        return self.model.text_encoder(input_ids=None if question_embeddings is not None else input_ids,
+                                       encoder_embeds=question_embeddings, attention_mask=attention_mask,
                                        encoder_hidden_states=image_states).last_hidden_state
+
+    def embedding_sigma(self, stream: str, embeddings: torch.Tensor) -> float:
+        """The scale of Gaussian-noise corruption: std of the word-embedding matrix (text, as in
+        ROME's causal tracing) or of the given image's patch embeddings (vision)."""
+        if stream == "text":
+            return float(self.model.text_encoder.embeddings.word_embeddings.weight.float().std())
+        return float(embeddings[:, 1:].float().std())
 
     def decode(self, question_states: torch.Tensor, attention_mask: torch.Tensor,
                answer_prefix: torch.Tensor | None = None) -> torch.Tensor:

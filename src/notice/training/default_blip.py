@@ -117,14 +117,31 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor, log) -> None:
+def patch_labels(paths: list[Path], colors: list[str], shapes: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-patch targets for stage 1: 0 for background, 1 + shape index where the shape covers
+    at least a tenth of the patch. A dense signal teaches the patch features shape far sooner
+    than one label per image."""
+    out = []
+    for path, color, shape in zip(paths, colors, shapes.tolist()):
+        alpha = easy_vqa.object_alpha(np.asarray(Image.open(path).convert("RGB")), color)
+        coverage = torch.from_numpy(alpha).float()[None, None]
+        coverage = F.avg_pool2d(coverage, patch_size).flatten()
+        out.append(torch.where(coverage >= 0.1, 1 + shape, 0))
+    return torch.stack(out)
+
+
+def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor,
+                 patches: torch.Tensor, log) -> None:
     vision = model.vision_model
-    head = torch.nn.Linear(recipe.hidden, len(easy_vqa.COLORS) + len(easy_vqa.SHAPES))
-    params = list(vision.parameters()) + list(head.parameters())
+    n_colors, n_shapes = len(easy_vqa.COLORS), len(easy_vqa.SHAPES)
+    image_head = torch.nn.Linear(recipe.hidden, n_colors + n_shapes)
+    patch_head = torch.nn.Linear(recipe.hidden, 1 + n_shapes)
+    params = list(vision.parameters()) + list(image_head.parameters()) + list(patch_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     steps_per_epoch = math.ceil(len(pixels) / recipe.stage1_batch)
     total = recipe.stage1_epochs * steps_per_epoch
+    grid = int(patches.shape[1] ** 0.5)
     step = 0
     for epoch in range(recipe.stage1_epochs):
         order = torch.randperm(len(pixels), generator=generator)
@@ -133,10 +150,15 @@ def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tens
             idx = order[start:start + recipe.stage1_batch]
             for group in optimizer.param_groups:
                 group["lr"] = recipe.stage1_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
-            states = vision(pixel_values=augment(pixels[idx], generator)).last_hidden_state
-            logits = head(states[:, 1:].mean(dim=1))
-            n_colors = len(easy_vqa.COLORS)
-            loss = F.cross_entropy(logits[:, :n_colors], colors[idx]) + F.cross_entropy(logits[:, n_colors:], shapes[idx])
+            flips = torch.rand(len(idx), generator=generator) < 0.5
+            batch = torch.where(flips.view(-1, 1, 1, 1), pixels[idx].flip(3), pixels[idx])
+            targets = patches[idx].view(-1, grid, grid)
+            targets = torch.where(flips.view(-1, 1, 1), targets.flip(2), targets).flatten(1)
+            states = vision(pixel_values=batch).last_hidden_state
+            logits = image_head(states[:, 1:].mean(dim=1))
+            patch_logits = patch_head(states[:, 1:])
+            loss = (F.cross_entropy(logits[:, :n_colors], colors[idx]) + F.cross_entropy(logits[:, n_colors:], shapes[idx])
+                    + F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -225,7 +247,9 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
     log(f"easy-VQA train: {len(image_ids)} images ({len(labelled)} labelled), {len(train_questions)} questions, "
         f"vocabulary {len(vocab)}")
 
-    train_stage1(model, recipe, pixels[[image_index[i] for i in labelled]], colors, shapes, log)
+    patches = patch_labels([labels[i].path for i in labelled], [labels[i].color for i in labelled], shapes,
+                           recipe.patch_size)
+    train_stage1(model, recipe, pixels[[image_index[i] for i in labelled]], colors, shapes, patches, log)
 
     questions_by_image: dict[int, list[easy_vqa.Question]] = {}
     for q in train_questions:
