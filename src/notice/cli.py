@@ -71,7 +71,7 @@ def info(model: str = ModelOption, as_json: bool = typer.Option(False, "--json",
     facts = adapter.describe()
     if as_json:
         facts["sites"] = site_catalogue(adapter.streams)
-        console.print_json(json.dumps(facts))
+        typer.echo(json.dumps(facts, indent=2))
         return
     console.print(f"[bold]{facts['name']}[/] ({facts['family']}), {facts['image_tokens']} image tokens, "
                   f"vocabulary {facts['vocab_size']}")

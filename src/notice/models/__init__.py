@@ -42,6 +42,9 @@ def _model_type(source: str) -> str:
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32"):
     """An adapter for an embedded model name, a local folder or a hub id (e.g. Salesforce/blip-vqa-base)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars speak for long work
     source = str(EMBEDDED.get(name, name))
     if name in EMBEDDED and not Path(source).is_dir():
         raise NoticeError(f"embedded model {name!r} is missing from {source}; reinstall notice or run `notice train-default`")

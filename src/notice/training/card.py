@@ -58,11 +58,12 @@ minutes; it is not a general VQA model.
   plus single letters so any lower-case word tokenizes
 
 ## Recipe (seeded; `notice train-default --seed {card['recipe']['seed']}`)
-1. The vision encoder learns colour and shape as image classification (a linear probe on the
-   mean patch state, discarded afterwards).
+1. The vision encoder learns colour and shape as image classification: linear probes on the
+   mean patch state (colour, shape) and on every patch (background or the shape covering it),
+   discarded afterwards. Per-patch targets teach a from-scratch ViT shapes far sooner.
 2. The whole model learns to answer easy-VQA's training questions plus two two-way choice
    questions of each kind per image, the answer order random.
-Images are augmented with the eight flips and quarter turns. AdamW, cosine schedule with warm-up.
+Images are augmented with horizontal flips (easy-VQA's triangles always point up). AdamW, cosine schedule with warm-up.
 Trained in {card['train_minutes']} minutes on a 2-core CPU.
 
 | setting | value |

@@ -1,13 +1,14 @@
 """The recipe of the embedded default model: a small BLIP trained on easy-VQA.
 
 Two stages, both seeded:
-  1. the vision encoder learns colour and shape as image classification (a linear
-     probe on the mean patch state, thrown away afterwards): shapes are the slow
-     part of easy-VQA for a ViT trained from scratch, and this stage is cheap;
+  1. the vision encoder learns colour and shape as image classification (linear probes
+     on the mean patch state and on every patch, thrown away afterwards): shapes are the
+     slow part of easy-VQA for a ViT trained from scratch, per-patch targets (background
+     or the shape covering the patch) teach them several times faster, and this stage is cheap;
   2. the whole model learns to answer easy-VQA's questions plus two-way choice
      questions ("is the shape red or blue?"), with each image's vision pass shared
      by its questions.
-Images are augmented by the eight flips and quarter turns, which keep colour and shape.
+Images are augmented by horizontal flips, which keep colour and shape.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class Recipe:
     heads: int = 4
     mlp: int = 512
     choice_per_kind: int = 2  # two-way colour and shape questions per image and epoch
-    stage1_epochs: int = 6
-    stage1_batch: int = 64
+    stage1_epochs: int = 12
+    stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 6
+    stage2_epochs: int = 10
     images_per_step: int = 32
     questions_per_image: int = 8
     stage2_lr: float = 1e-3
