@@ -16,10 +16,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# Debian's chromium and its driver, for the browser test of the HTML report
+BROWSER := /usr/bin/chromedriver
+$(BROWSER):
+	command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
 demo: $(STAMP)
 	$(BIN)/notice demo
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest
 
 # Reproduce the model card's accuracy table from the shipped weights.

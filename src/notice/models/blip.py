@@ -219,6 +219,30 @@ class BlipAdapter:
                 answers[i] = text.strip()
         return answers
 
+    # ------------------------------------------------------------- attention
+    @torch.no_grad()
+    def cross_attention(self, images: Sequence[Image.Image], questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text-encoder cross-attention to the image, [B, layers, heads, T, I], and the image
+        states it attends, [B, I, D]; one batch of equal-length questions."""
+        inputs = self.prepare(images, questions)
+        maps: list[torch.Tensor] = []
+        hooks = [layer.crossattention.self.register_forward_hook(lambda _m, _i, out: maps.append(out[1]))
+                 for layer in self.model.text_encoder.encoder.layer]
+        try:
+            image_states = self.encode_image(inputs.pixel_values)
+            self.encode_question(inputs.input_ids, inputs.attention_mask, image_states)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack(maps, dim=1).float(), image_states.float()
+
+    @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(rows, columns, pixels per patch side) of the vision encoder's patches."""
+        vision = self.model.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        return grid, grid, vision.patch_size
+
     # ------------------------------------------------------------------ facts
     def describe(self) -> dict:
         return {"family": self.family, "name": self.name, "image_tokens": self.num_image_tokens,

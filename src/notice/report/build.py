@@ -1,0 +1,156 @@
+"""From a results table (and optionally the model and its pairs) to the HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from notice.analysis import head_functions as hf
+from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
+from notice.analysis.universal import rank_by_condition, universal_heads
+from notice.pairs import Pair
+from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
+from notice.report.html import Report, Section, figure_html, table_html, write_report
+
+COMPONENT_TITLES = {"layer": "layer output", "self_attn": "self-attention", "cross_attn": "cross-attention",
+                    "mlp": "MLP"}
+
+
+def position_labels(table: pd.DataFrame, positions: Sequence[int]) -> list[str]:
+    """Label each position by its token; where samples differ (the options), show the variants."""
+    labels = []
+    for position in positions:
+        tokens = table.loc[table["position"] == position, "token"].dropna().astype(str)
+        variants = list(dict.fromkeys(tokens))
+        if len(variants) == 1:
+            labels.append(variants[0])
+        elif variants:
+            labels.append(f"{position}:{'/'.join(variants[:2])}{'…' if len(variants) > 2 else ''}")
+        else:
+            labels.append(str(position))
+    return labels
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+def condition_section(condition: str, rows: pd.DataFrame, ranked: pd.DataFrame | None, out_dir: Path,
+                      stream: str, top_k: int) -> Section:
+    parts = []
+    figures = []
+    for component in [c for c in COMPONENT_TITLES if c in set(rows.loc[rows["stream"] == stream, "component"])]:
+        views = module_heatmap(rows, stream, component)
+        if views["mean"].empty:
+            continue
+        labels = position_labels(rows, list(views["mean"].columns))
+        title = f"{condition}: {stream} {COMPONENT_TITLES[component]}"
+        stem = out_dir / "figures" / f"{_slug(condition)}-{stream}-{component}"
+        heatmap(views["mean"], title, "token", labels, stem)
+        figures.append(figure_html(f"figures/{stem.name}.png", title + " (PNG; PDF beside it)"))
+        parts.append(interactive_heatmap(views, title, "token", labels, f"{_slug(condition)}-{component}"))
+    effects = head_effects(rows, stream, "cross_attn")
+    if not effects.empty:
+        views = head_heatmap(effects)
+        title = f"{condition}: {stream} cross-attention heads"
+        stem = out_dir / "figures" / f"{_slug(condition)}-{stream}-heads"
+        heads = [str(h) for h in views["mean"].columns]
+        heatmap(views["mean"], title, "head", heads, stem)
+        figures.append(figure_html(f"figures/{stem.name}.png", title + " (PNG; PDF beside it)"))
+        parts.append(interactive_heatmap(views, title, "head", heads, f"{_slug(condition)}-heads"))
+    body = f'<div class="figures">{"".join(figures)}</div>' + "".join(parts)
+    if ranked is not None:
+        shown = ranked.head(top_k).assign(head=lambda f: [head_name(l, h) for l, h in zip(f["layer"], f["head"])])
+        shown = shown[["rank", "head", "mean_abs_effect", "ci_low", "ci_high", "mean_effect", "samples", "important"]]
+        body += (f'<p class="note">Heads ranked by mean |normalized effect| over samples, 95% bootstrap interval; '
+                 f"important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>" + table_html(shown))
+    return Section(condition, body)
+
+
+def make_report(table: pd.DataFrame, out_dir: Path, title: str, model_name: str, adapter=None,
+                pairs: Sequence[Pair] = (), selection: dict[str, dict] | None = None, stream: str = "text",
+                min_conditions: int | None = None, top_k: int = 10, overlays_per_head: int = 2,
+                seed: int = 0) -> Path:
+    """Write the report to `out_dir`; head functions need the adapter and the pairs' images."""
+    out_dir = Path(out_dir)
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    rankings = rank_by_condition(table, stream, "cross_attn", top_k=top_k, seed=seed)
+    sections = [overview_section(table, selection or {})]
+    for (task, modality), rows in table.groupby(["task", "modality"], sort=True):
+        condition = f"{task}/{modality}"
+        sections.append(condition_section(condition, rows, rankings.get(condition), out_dir, stream, top_k))
+    universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame()
+    k = len(rankings) if min_conditions is None else min_conditions
+    sections.append(Section("Universal heads", (
+        f'<p class="note">Heads important (mean + 2σ) in at least {k} of {len(rankings)} conditions, '
+        "computed from the results table.</p>"
+        + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
+        + _top_k_universal(rankings, min_conditions))))
+    if adapter is not None and pairs:
+        focus = _focus_heads(universal, rankings)
+        sections.append(head_function_section(adapter, pairs, focus, out_dir, overlays_per_head))
+    summary = {"model": model_name, "rows in the results table": f"{len(table):,}",
+               "samples": str(table["pair_id"].nunique()), "conditions": ", ".join(rankings) or "none"}
+    return write_report(Report(title, summary, sections), out_dir)
+
+
+def overview_section(table: pd.DataFrame, selection: dict[str, dict]) -> Section:
+    counts = (table.groupby(["task", "modality", "corruption", "direction"])["pair_id"].nunique()
+              .rename("samples").reset_index())
+    body = "<p>Samples patched per condition:</p>" + table_html(counts)
+    if selection:
+        rows = [{"pairs file": name, **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))}}
+                for name, summary in selection.items()]
+        body += "<p>Selection (pairs kept and dropped by each filter):</p>" + table_html(pd.DataFrame(rows))
+    return Section("Tasks and selection", body)
+
+
+def _top_k_universal(rankings: dict[str, pd.DataFrame], min_conditions: int | None) -> str:
+    if not rankings:
+        return ""
+    frame = universal_heads(rankings, min_conditions, rule="top_k")
+    if frame.empty:
+        return ""
+    return "<p class=\"note\">The same count with each condition's top-k heads instead of the 2σ rule:</p>" + table_html(frame)
+
+
+def _focus_heads(universal: pd.DataFrame, rankings: dict[str, pd.DataFrame]) -> list[tuple[int, int]]:
+    """Universal heads if any, else the important (or strongest) heads of every condition."""
+    if not universal.empty:
+        return [(int(r.layer), int(r.head_index)) for r in universal.itertuples()]
+    heads: dict[tuple[int, int], None] = {}
+    for ranked in rankings.values():
+        chosen = ranked[ranked["important"]] if ranked["important"].any() else ranked.head(1)
+        for row in chosen.itertuples():
+            heads[(int(row.layer), int(row.head))] = None
+    return list(heads)[:8]
+
+
+def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int, int]], out_dir: Path,
+                          overlays_per_head: int) -> Section:
+    samples = hf.collect(adapter, pairs)
+    measures = hf.summarize_head_functions(hf.head_function_table(samples))
+    measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
+    focused = measures.set_index(["layer", "head"]).loc[[h for h in focus if h in set(
+        zip(measures["layer"], measures["head"]))]].reset_index() if focus else measures.head(0)
+    body = ('<p class="note">Cross-attention from the answer word of the prompt to the image patches, averaged '
+            "over the selected clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of the "
+            "top-attended patches with the mask (implicit segmentation); object_inhibition: mass on the object "
+            "minus the average head's (negative: looks away); outlier_inhibition: mass on high-norm outlier "
+            "patches minus the average head's.</p>")
+    body += "<h3>Heads in focus</h3>" + (table_html(focused) if not focused.empty else "<p>None.</p>")
+    strongest = measures.dropna(subset=["mask_iou"]).sort_values("mask_iou", ascending=False).head(5)
+    if not strongest.empty:
+        body += "<h3>Best implicit segmenters (highest mask IoU)</h3>" + table_html(strongest)
+    figures = []
+    for layer, head in focus:
+        for sample in samples[:overlays_per_head]:
+            target = out_dir / "figures" / f"overlay-{_slug(sample.pair_id)}-L{layer}H{head}.png"
+            attention_overlay(sample.image, hf.relative_map(sample, layer, head),
+                              f"{head_name(layer, head)} minus average head", target)
+            figures.append(figure_html(f"figures/{target.name}", f"{sample.pair_id}: {head_name(layer, head)}"))
+    if figures:
+        body += "<h3>Attention overlays</h3><div class=\"figures\">" + "".join(figures) + "</div>"
+    return Section("What the heads do", body)

@@ -1,0 +1,81 @@
+"""The HTML report: built from a table, self-contained, and rendered by a real browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import helpers
+from notice.pairs import Pair
+from notice.report.build import make_report
+from tests_support import synthetic_table
+
+
+def _pairs_with_masks(folder: Path, count: int = 2) -> list[Pair]:
+    pairs = []
+    for i in range(count):
+        image = helpers.shape_image(32, box=(8, 8, 24, 24))
+        image_path, mask_path = folder / f"img{i}.png", folder / f"mask{i}.png"
+        image.save(image_path)
+        mask = (np.asarray(image)[..., 1] < 100).astype(np.uint8) * 255  # the red shape
+        Image.fromarray(mask).save(mask_path)
+        pairs.append(Pair(f"p{i}", "color", "image_smp", str(image_path), str(image_path), "is the shape red or blue?",
+                          "is the shape red or blue?", "red", "blue", {"mask": str(mask_path)}))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, tiny_blip):
+    folder = tmp_path_factory.mktemp("report")
+    table = synthetic_table({"color/image": [(1, 1)], "color/text": [(1, 1), (0, 2)]}, layers=2, heads=4)
+    pairs = _pairs_with_masks(folder)
+    make_report(table, folder / "out", "test report", "tiny", adapter=tiny_blip, pairs=pairs,
+                selection={"pairs.parquet": {"kept": 2, "dropped_wrong_clean": 3}})
+    return folder / "out"
+
+
+def test_report_holds_heatmaps_rankings_universal_heads_and_overlays(report_dir):
+    page = (report_dir / "index.html").read_text()
+    for heading in ("Tasks and selection", "color/image", "color/text", "Universal heads", "What the heads do"):
+        assert heading in page
+    assert "L1H1" in page  # the planted head is universal across both conditions
+    figures = {p.name for p in (report_dir / "figures").iterdir()}
+    assert {"color-image-text-layer.png", "color-image-text-layer.pdf", "color-image-text-heads.png"} <= figures
+    assert any(name.startswith("overlay-") for name in figures)
+    assert (report_dir / "plotly.min.js").stat().st_size > 1_000_000  # bundled, no network needed
+    assert "https://" not in page.split("<body>")[0]
+    assert json.loads((report_dir / "report.json").read_text())["sections"][0] == "Tasks and selection"
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(report_dir, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    driver_path = shutil.which("chromedriver")
+    assert driver_path, "chromium's driver is missing: `make test` installs Debian's chromium and chromium-driver"
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,2400"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get((report_dir / "index.html").resolve().as_uri())
+        plots = driver.find_elements(By.CSS_SELECTOR, "div.js-plotly-plot .main-svg")
+        images = driver.find_elements(By.TAG_NAME, "img")
+        loaded = [driver.execute_script("return arguments[0].naturalWidth", img) for img in images]
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        screenshot = tmp_path / "report.png"
+        driver.save_screenshot(str(screenshot))
+    finally:
+        driver.quit()
+    assert not errors, errors
+    assert len(plots) >= 4  # interactive heatmaps drawn by the bundled plotly
+    assert images and all(width > 0 for width in loaded)
+    assert screenshot.stat().st_size > 10_000
