@@ -117,13 +117,14 @@ def _print_accuracy(result: dict) -> None:
 @app.command("train-default")
 def train_default(out: Path = typer.Option(Path("src/notice/assets/easyvqa-blip"), help="Output folder."),
                   seed: int = typer.Option(0, help="Seed of every random choice in the recipe."),
+                  threads: int = typer.Option(2, help="torch CPU threads (1 is faster on a busy machine)."),
                   eval_each_epoch: bool = typer.Option(False, help="Report test accuracy after every epoch.")) -> None:
     """Train the embedded default model (small BLIP on easy-VQA) and write its model card."""
     from notice.training.card import write_model_card
     from notice.training.default_blip import Recipe
     from notice.training.default_blip import train_default as run
 
-    summary = run(out, Recipe(seed=seed), log=console.print, eval_every_epoch=eval_each_epoch)
+    summary = run(out, Recipe(seed=seed, threads=threads), log=console.print, eval_every_epoch=eval_each_epoch)
     write_model_card(out, summary, log=console.print)
 
 
