@@ -175,10 +175,11 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
                                  progress=progress)
     except NoticeError as error:
         _fail(error)
-    table = Table("corruption", "pairs", title=f"{task}: {sum(report.pairs.values())} pairs → {out}")
+    table = Table("corruption", "pairs", title=task)
     for kind, count in report.pairs.items():
         table.add_row(kind, str(count))
     console.print(table)
+    console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
     for reason, count in sorted(report.skipped.items()):
         console.print(f"skipped {count}: {reason}", highlight=False)
     if report.str_rejected_candidates:
@@ -214,16 +215,19 @@ def select(pairs_file: Path = typer.Argument(..., metavar="PAIRS", help="Pairs f
         written, report = write_selection(selection, out)
     except NoticeError as error:
         _fail(error)
-    console.print(f"wrote {written} and {report}")
+    console.print(f"wrote {written} and {report}", highlight=False, soft_wrap=True)
 
 
 def _print_selection(summary: dict, out: Path) -> None:
     from notice.select import FILTERS
 
-    table = Table("corruption", "input", *FILTERS, "kept", title=f"selection → {out}")
+    table = Table("corruption", "input", *FILTERS, "kept", title="selection")
     for kind, row in summary["by_corruption"].items():
         table.add_row(kind, str(row["input"]), *(str(row[f]) for f in FILTERS), str(row["kept"]))
     console.print(table)
+    for name in FILTERS:
+        console.print(f"dropped {summary['dropped'][name]}: {name}", highlight=False, soft_wrap=True)
+    console.print(f"kept {summary['kept']} of {summary['input']} pairs", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -75,7 +75,9 @@ def noisy_embeddings(adapter, pair, embeddings: torch.Tensor) -> torch.Tensor:
     embeddings for stream "vision", question embeddings for stream "text"."""
     spec = pair.metadata["noise"]
     resolved = dict(spec, positions=resolve_positions(adapter, pair))
-    return add_noise(embeddings, resolved, adapter.embedding_sigma(spec["stream"], embeddings))
+    with torch.no_grad():
+        sigma = adapter.embedding_sigma(spec["stream"], embeddings)
+    return add_noise(embeddings, resolved, sigma)
 
 
 @torch.no_grad()
