@@ -174,15 +174,15 @@ def test_bad_site_names_give_one_line_errors_with_valid_choices(tiny, tiny_pairs
     assert "\n" not in str(info.value)
 
 
-def test_batches_group_cells_by_layer_and_target(tiny):
-    sites = expand_sites(["text.*.cross_attn.head*", "text.*.mlp@all"], tiny.streams, {"text": 5, "vision": 17,
-                                                                                     "decoder": 1})
+def test_cells_of_one_layer_share_a_forward_whatever_their_target(tiny):
+    sites = expand_sites(["text.*.cross_attn.head*", "text.*.mlp@all", "decoder.1.layer"], tiny.streams,
+                         {"text": 5, "vision": 17, "decoder": 1})
     groups = engine.plan(sites, list(tiny.streams))
     assert sum(len(g.cells) for g in groups) == len(sites)
+    assert [(g.stream, g.layer, len(g.cells)) for g in groups] == [("text", 0, 4 * 5 + 1), ("text", 1, 4 * 5 + 1),
+                                                                   ("decoder", 1, 1)]
     for group in groups:
-        assert len({(sites[i].layer, sites[i].component, sites[i].position == "all") for i in group.cells}) == 1
-    heads = [g for g in groups if g.target == "cross_attn.z"]
-    assert [len(g.cells) for g in heads] == [4 * 5, 4 * 5]  # every head at every position of a layer together
+        assert {(sites[i].stream, sites[i].layer) for i in group.cells} == {(group.stream, group.layer)}
 
 
 def test_batch_size_follows_max_memory(tiny, tiny_pairs):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -94,7 +94,7 @@ class Patchable(Protocol):
                  noise: dict[str, Any] | None) -> tuple[Run, Run]: ...
     def run_logits(self, run: Run) -> torch.Tensor: ...  # [1, V] float32, the plain forward
     def trace(self, run: Run, streams: set[str]) -> Trace: ...
-    def patched_logits(self, receiving: Trace, source: Trace, batch: PatchBatch) -> torch.Tensor: ...  # [N, V]
+    def patched_logits(self, receiving: Trace, source: Trace, batches: Sequence[PatchBatch]) -> torch.Tensor: ...  # [N, V]
     def hook_point(self, site) -> tuple[torch.nn.Module, str]: ...  # module, "output" | "input"
     def site_columns(self, site) -> slice | None: ...
     def num_positions(self, prompt: str) -> dict[str, int]: ...

@@ -376,20 +376,23 @@ class BlipAdapter:
         return Trace(logits=logits, acts=acts, cache=cache, num_positions=positions)
 
     @torch.no_grad()
-    def patched_logits(self, receiving: Trace, source: Trace, batch: PatchBatch) -> torch.Tensor:
-        """First answer-step logits [N, V] of N patched copies of the receiving run, each starting at
-        the patched layer from the receiving run's cached state (nothing below it is recomputed)."""
-        stream, start = batch.stream, batch.layer
-        hidden = self._patched_layer(receiving, source, batch)  # [N, P, D]
+    def patched_logits(self, receiving: Trace, source: Trace, batches: Sequence[PatchBatch]) -> torch.Tensor:
+        """First answer-step logits [N, V] of patched copies of the receiving run (N = cells of all
+        batches, which share one stream and layer), each starting at the patched layer from the
+        receiving run's cached state: nothing below it is recomputed."""
+        stream, start = batches[0].stream, batches[0].layer
+        assert all((b.stream, b.layer) == (stream, start) for b in batches), "one stream and layer per call"
+        hidden = torch.cat([self._patched_layer(receiving, source, b) for b in batches])  # [N, P, D]
+        cells = hidden.shape[0]
         if stream == "vision":
             hidden = self._run_stream("vision", start + 1, hidden)
             image_states = self.model.vision_model.post_layernorm(hidden)  # [N, I, D]
-            text_in = receiving.cache["text_input"].expand(len(batch), -1, -1)
+            text_in = receiving.cache["text_input"].expand(cells, -1, -1)
             hidden = self._run_stream("text", 0, text_in, memory=image_states)
             stream, start = "text", self.streams["text"].layers - 1
         if stream == "text":
             hidden = self._run_stream("text", start + 1, hidden, kv=receiving.cache["text_kv"])
-            dec_in = receiving.cache["decoder_input"].expand(len(batch), -1, -1)
+            dec_in = receiving.cache["decoder_input"].expand(cells, -1, -1)
             hidden = self._run_stream("decoder", 0, dec_in, memory=hidden)
         else:
             hidden = self._run_stream("decoder", start + 1, hidden, kv=receiving.cache["decoder_kv"])
@@ -433,20 +436,15 @@ class BlipAdapter:
     def _run_stream(self, stream: str, start: int, hidden: torch.Tensor, kv: list | None = None,
                     memory: torch.Tensor | None = None) -> torch.Tensor:
         """Layers start.. of a stream on [N, P, D]; cross-attention reads cached per-layer keys/values
-        (`kv`, shared by all cells) or computes them from per-cell `memory` [N, M, D]."""
+        (`kv`, shared by all cells) or attends per-cell `memory` [N, M, D]."""
         layers = self._layers(stream)
+        heads = self.streams[stream].heads
         for l in range(start, len(layers)):
-            layer = layers[l]
             if stream == "vision":
-                hidden = self._vit_layer(layer, hidden)
-                continue
-            heads = self.streams[stream].heads
-            if kv is not None:
-                layer_kv = kv[l]
+                hidden = self._vit_layer(layers[l], hidden)
             else:
-                cross = layer.crossattention.self
-                layer_kv = (_split_heads(cross.key(memory), heads), _split_heads(cross.value(memory), heads))
-            hidden = self._bert_layer(layer, hidden, layer_kv, heads, causal=stream == "decoder")
+                hidden = self._bert_layer(layers[l], hidden, kv[l] if kv is not None else memory, heads,
+                                          causal=stream == "decoder")
         return hidden
 
     def _vit_layer(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -458,25 +456,38 @@ class BlipAdapter:
         resid = x + attn.projection(z)
         return resid + layer.mlp(layer.layer_norm2(resid))
 
-    def _bert_layer(self, layer, x: torch.Tensor, kv, heads: int, causal: bool) -> torch.Tensor:
+    def _bert_layer(self, layer, x: torch.Tensor, memory, heads: int, causal: bool) -> torch.Tensor:
         """BlipTextLayer (post-LayerNorm BERT with cross-attention) on [N, P, D]."""
         sa = layer.attention.self
-        q, k, v = (_split_heads(proj(x), heads) for proj in (sa.query, sa.key, sa.value))
-        z = _merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        after_self = layer.attention.output.LayerNorm(layer.attention.output.dense(z) + x)
-        return self._bert_mlp(layer, self._bert_cross(layer, after_self, kv))
-
-    def _bert_cross(self, layer, x: torch.Tensor, kv) -> torch.Tensor:
-        """Cross-attention sublayer on rows [N, K, D] against keys/values [1 or N, H, M, d]."""
-        keys, values = kv
-        n, k, _ = x.shape
-        q = _split_heads(layer.crossattention.self.query(x), keys.shape[1])  # [N, H, K, d]
-        if keys.shape[0] == 1 and n > 1:  # shared memory: all cells' queries in one attention call
-            h, d = q.shape[1], q.shape[3]
-            z = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(1, h, n * k, d), keys, values)
-            z = z.reshape(h, n, k, d).transpose(0, 1)
+        if x.shape[1] == 1:  # one position attends only itself: softmax is exactly 1, the output its value
+            z = sa.value(x)
         else:
-            z = F.scaled_dot_product_attention(q, keys, values)
+            q, k, v = (_split_heads(proj(x), heads) for proj in (sa.query, sa.key, sa.value))
+            z = _merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        after_self = layer.attention.output.LayerNorm(layer.attention.output.dense(z) + x)
+        return self._bert_mlp(layer, self._bert_cross(layer, after_self, memory))
+
+    def _bert_cross(self, layer, x: torch.Tensor, memory) -> torch.Tensor:
+        """Cross-attention sublayer on rows [N, K, D]. `memory` is a (keys, values) pair [1 or N, H, M, d]
+        cached for all cells, or per-cell states [N, M, D] to attend."""
+        cross = layer.crossattention.self
+        heads = self.streams["text"].heads
+        q = _split_heads(cross.query(x), heads)  # [N, H, K, d]
+        n, h, k, d = q.shape
+        if isinstance(memory, torch.Tensor):
+            m, width = memory.shape[1], h * d
+            if k * (width + h * m) < m * width:
+                z = _absorbed_attention(q, memory, cross.key, cross.value)  # few queries: skip projecting memory
+            else:
+                z = F.scaled_dot_product_attention(q, _split_heads(cross.key(memory), h),
+                                                   _split_heads(cross.value(memory), h))
+        else:
+            keys, values = memory
+            if keys.shape[0] == 1 and n > 1:  # shared memory: all cells' queries in one attention call
+                z = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(1, h, n * k, d), keys, values)
+                z = z.reshape(h, n, k, d).transpose(0, 1)
+            else:
+                z = F.scaled_dot_product_attention(q, keys, values)
         out = layer.crossattention.output
         return out.LayerNorm(out.dense(_merge_heads(z)) + x)
 
@@ -500,3 +511,18 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[N, H, P, d] → [N, P, H*d]"""
     n, h, p, d = x.shape
     return x.transpose(1, 2).reshape(n, p, h * d)
+
+
+def _absorbed_attention(q: torch.Tensor, memory: torch.Tensor, key: torch.nn.Linear,
+                        value: torch.nn.Linear) -> torch.Tensor:
+    """softmax(q·(memory Wk + bk)ᵀ/√d)·(memory Wv + bv) without projecting the memory: the key
+    projection moves onto the queries and the value projection after the weighted sum (attention
+    weights sum to 1; the key bias adds one constant per query and head, which softmax ignores).
+    q [N, H, K, d], memory [N, M, E] → [N, H, K, d]. Cheaper when K·d ≪ M·E (the answer decoder)."""
+    n, h, k, d = q.shape
+    w_key = key.weight.view(h, d, -1)  # [H, d, E]
+    w_value = value.weight.view(h, d, -1)
+    q_mem = torch.einsum("nhkd,hde->nhke", q, w_key)  # [N, H, K, E]
+    scores = torch.einsum("nhke,nme->nhkm", q_mem, memory) * d ** -0.5
+    mixed = torch.einsum("nhkm,nme->nhke", scores.softmax(dim=-1), memory)  # [N, H, K, E]
+    return torch.einsum("nhke,hde->nhkd", mixed, w_value) + value.bias.view(1, h, 1, d)

@@ -12,7 +12,6 @@ batch is done. Two sanity checks per pair guard every shortcut (see `check_pair`
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -49,39 +48,51 @@ def parse_memory(text: str | int) -> int:
 
 @dataclass
 class Group:
-    """Cells that can share one forward: same stream, layer, target and number of patched positions."""
+    """Cells that share one forward after their patched layer: same stream and layer."""
 
     stream: str
     layer: int
-    target: str
-    cells: list[int]  # indices into the pair's site list
+    cells: list[int]  # indices into the pair's site list, sorted by target
+
+
+def target(site: Site) -> str:
+    """What a site overwrites: a component's write, the layer output, or per-head values ('.z')."""
+    return site.component + (".z" if site.head is not None else "")
 
 
 def plan(sites: Sequence[Site], order: Sequence[str]) -> list[Group]:
-    """Group sites by (stream, layer, target, one position or all), streams in model order."""
+    """Group sites by (stream, layer), streams in model order; cells sorted by target within."""
     groups: dict[tuple, Group] = {}
     for i, site in enumerate(sites):
-        target = site.component + (".z" if site.head is not None else "")
-        key = (order.index(site.stream), site.layer, target, site.position == ALL)
-        groups.setdefault(key, Group(site.stream, site.layer, target, [])).cells.append(i)
+        groups.setdefault((order.index(site.stream), site.layer), Group(site.stream, site.layer, [])).cells.append(i)
+    for group in groups.values():
+        group.cells.sort(key=lambda i: (target(sites[i]), sites[i].position == ALL))
     return [groups[key] for key in sorted(groups)]
 
 
-def make_batch(adapter: Patchable, group: Group, sites: Sequence[Site], cells: Sequence[int], width: int,
-               positions: int, device: torch.device) -> PatchBatch:
-    """Position indices [N, K] and head column masks [N, W] for some cells of one group."""
-    chosen = [sites[i] for i in cells]
-    if chosen[0].position == ALL:
-        index = torch.arange(positions).expand(len(chosen), -1)
-    else:
-        index = torch.tensor([[int(s.position)] for s in chosen])
-    columns = None
-    if any(s.head is not None for s in chosen):
-        columns = torch.zeros(len(chosen), width, dtype=torch.bool)
-        for row, site in enumerate(chosen):
-            columns[row, adapter.site_columns(site)] = True
-    return PatchBatch(group.stream, group.layer, group.target, index.to(device),
-                      None if columns is None else columns.to(device))
+def make_batches(adapter: Patchable, sites: Sequence[Site], cells: Sequence[int], receiving: Trace,
+                 device: torch.device) -> list[PatchBatch]:
+    """One PatchBatch per (target, one position or all) among the cells: position indices [N, K] and
+    head column masks [N, W]."""
+    out = []
+    runs: dict[tuple[str, bool], list[Site]] = {}
+    for i in cells:
+        runs.setdefault((target(sites[i]), sites[i].position == ALL), []).append(sites[i])
+    for (name, whole), chosen in runs.items():
+        stream, layer = chosen[0].stream, chosen[0].layer
+        if whole:
+            index = torch.arange(receiving.num_positions[stream]).expand(len(chosen), -1)
+        else:
+            index = torch.tensor([[int(s.position)] for s in chosen])
+        columns = None
+        if name.endswith(".z"):
+            width = receiving.acts[(stream, layer)][name].shape[-1]
+            columns = torch.zeros(len(chosen), width, dtype=torch.bool)
+            for row, site in enumerate(chosen):
+                columns[row, adapter.site_columns(site)] = True
+            columns = columns.to(device)
+        out.append(PatchBatch(stream, layer, name, index.to(device), columns))
+    return out
 
 
 def check_pair(adapter: Patchable, pair: Pair, receiving: Trace, source: Trace, streams: Iterable[str],
@@ -107,7 +118,7 @@ def check_pair(adapter: Patchable, pair: Pair, receiving: Trace, source: Trace, 
             batch = PatchBatch(site.stream, site.layer, "layer", torch.arange(count, device=device)[None])
             checks.append((f"patching {name}", batch, source.logits, directions[1]))
     for what, batch, expected, run_name in checks:
-        got = adapter.patched_logits(receiving, source, batch)[0]
+        got = adapter.patched_logits(receiving, source, [batch])[0]
         error = float((got - expected).abs().max())
         limit = tolerance * max(1.0, float(expected.abs().max()))
         if not error <= limit:
@@ -157,20 +168,17 @@ def run_cells(adapter: Patchable, cells: Sequence[Site], receiving: Trace, sourc
               progress: Callable[[int], None] | None = None) -> np.ndarray:
     """[len(cells), 3] (LD, p(correct), KL) of every cell, batched by target; one host sync per batch."""
     device = receiving.logits.device
-    order = list(adapter.streams)
     out = np.zeros((len(cells), 3))
-    sizes: dict[str, int] = defaultdict(int)
-    for group in plan(cells, order):
+    sizes: dict[str, int] = {}
+    for group in plan(cells, list(adapter.streams)):
         if group.stream not in sizes:
             sizes[group.stream] = batch_size or batch_size_for(adapter, group.stream, receiving, source, max_memory)
         size = sizes[group.stream]
-        width = receiving.acts[(group.stream, group.layer)][group.target].shape[-1]
-        count = receiving.num_positions[group.stream]
         for start in range(0, len(group.cells), size):
             chunk = group.cells[start:start + size]
-            batch = make_batch(adapter, group, cells, chunk, width, count, device)
-            stats = cell_stats(adapter.patched_logits(receiving, source, batch), base)  # [n, 3] on device
-            out[chunk] = stats.cpu().numpy()
+            batches = make_batches(adapter, cells, chunk, receiving, device)
+            stats = cell_stats(adapter.patched_logits(receiving, source, batches), base)  # [n, 3] on device
+            out[chunk] = stats.cpu().numpy()  # batches keep the chunk's order
             if progress is not None:
                 progress(len(chunk))
     return out
