@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -127,6 +128,56 @@ def train_default(out: Path = typer.Option(Path("src/notice/assets/easyvqa-blip"
 
     summary = run(out, Recipe(seed=seed, threads=threads), log=console.print, eval_every_epoch=eval_each_epoch)
     write_model_card(out, summary, log=console.print)
+
+
+@app.command()
+def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `notice pairs` or `notice select`)."),
+          model: str = ModelOption,
+          sites: str = typer.Option("text.*.cross_attn.head*,text.*.mlp", "--sites",
+                                    help="Comma-separated site patterns, e.g. 'text.*.cross_attn.head*,text.*.mlp'; "
+                                         "see `notice info` for a model's sites."),
+          direction: str = typer.Option("denoise", help="denoise (clean into corrupt, as in the paper) or noise."),
+          out: Path = typer.Option(..., "--out", help="Results folder (one Parquet shard per pair; reruns resume)."),
+          max_memory: str = typer.Option("4GB", "--max-memory", help="Memory for the batched cells, e.g. 8GB."),
+          batch_size: Optional[int] = typer.Option(None, help="Cells per forward (default: as many as fit)."),
+          device: str = DeviceOption, dtype: str = DtypeOption,
+          checks: bool = typer.Option(True, "--checks/--no-checks", help="Sanity checks on every pair."),
+          limit: Optional[int] = typer.Option(None, help="Only the first N pairs.")) -> None:
+    """Activation patching of every site on every pair: a resumable long results table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from notice.models import load_model
+    from notice.pairs import read_pairs
+    from notice.patching.engine import SanityCheckError, count_cells, parse_memory, patch_pairs
+
+    try:
+        records = read_pairs(pairs)[:limit]
+        parse_memory(max_memory)
+        adapter = load_model(model, device=device, dtype=dtype)
+        patterns = [s for s in sites.split(",") if s.strip()]
+        total = sum(count_cells(adapter, records, patterns))
+        columns = (TextColumn("[bold]patching"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                   TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("patch", total=total, rate="")
+            clock = {"start": time.perf_counter(), "cells": 0}
+
+            def advance(n: int, skipped: bool = False) -> None:
+                if skipped:  # finished earlier: counts toward the bar, not toward the speed
+                    clock["start"] = time.perf_counter()
+                    clock["cells"] = 0
+                else:
+                    clock["cells"] += n
+                elapsed = time.perf_counter() - clock["start"]
+                bar.update(task, advance=n, rate=f"{clock['cells'] / elapsed:.1f} cells/s" if elapsed > 0 else "")
+
+            summary = patch_pairs(adapter, records, patterns, out, direction, max_memory=max_memory,
+                                  batch_size=batch_size, checks=checks, progress=advance, model_name=model,
+                                  dtype=dtype)
+    except (NoticeError, SanityCheckError) as error:
+        _fail(error)
+    console.print(f"{summary['done']} pairs patched, {summary['skipped']} already done, {summary['cells']} cells "
+                  f"in all; results in {out}")
 
 
 @app.command()

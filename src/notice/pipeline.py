@@ -156,11 +156,14 @@ def run_pipeline(config: RunConfig, console) -> Path:
 
 def patch_all(adapter, pairs, config: RunConfig, progress) -> Path:
     """Patch every pair into the results store under the run folder (resumable per pair)."""
-    from notice.patching.engine import patch_pairs
+    from notice.patching.engine import count_cells, patch_pairs
 
     folder = config.out / "results"
-    patch_pairs(adapter, pairs, list(config.sites), folder, direction=config.direction,
-                max_memory=config.max_memory, progress=progress, model_name=config.model)
+    sites = list(config.sites)
+    bar = progress.add_task("patching: cells", total=sum(count_cells(adapter, pairs, sites)))
+    patch_pairs(adapter, pairs, sites, folder, direction=config.direction, max_memory=config.max_memory,
+                progress=lambda cells, skipped=False: progress.update(bar, advance=cells), model_name=config.model,
+                dtype=config.dtype)
     return folder
 
 
