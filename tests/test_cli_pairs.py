@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import datasets
+import dataset_fixtures
 from notice.cli import app
 from notice.models import EMBEDDED
 from notice.pairs import read_pairs
@@ -16,8 +16,8 @@ from notice.select import select_pairs, selection_report_path
 
 runner = CliRunner()
 
-FIXTURES = {"svo-probes": datasets.svo_probes, "mit-states": datasets.mit_states,
-            "facial-expressions": datasets.facial_expressions}
+FIXTURES = {"svo-probes": dataset_fixtures.svo_probes, "mit-states": dataset_fixtures.mit_states,
+            "facial-expressions": dataset_fixtures.facial_expressions}
 
 
 @pytest.mark.parametrize("task", ["svo-probes", "mit-states", "facial-expressions", "easyvqa-color"])
@@ -48,7 +48,7 @@ def test_pairs_then_select_on_every_task(task, tmp_path, tiny_blip_dir, tiny_bli
 
 
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, tiny_blip_dir):
-    data = datasets.svo_probes(tmp_path / "svo")
+    data = dataset_fixtures.svo_probes(tmp_path / "svo")
     pd.read_csv(data / "svo_probes.csv").drop(columns=["pos_image_id"]).to_csv(data / "svo_probes.csv", index=False)
     result = runner.invoke(app, ["pairs", "svo-probes", "--data", str(data), "--out", str(tmp_path / "p.parquet"),
                                  "--model", str(tiny_blip_dir)])
@@ -58,7 +58,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, tiny_blip_dir):
 
 
 def test_skip_bad_reports_what_it_skipped(tmp_path, tiny_blip_dir):
-    data = datasets.mit_states(tmp_path / "mit", {"old car": 2, "new car": 2, "rusty car": 0})
+    data = dataset_fixtures.mit_states(tmp_path / "mit", {"old car": 2, "new car": 2, "rusty car": 0})
     stopped = runner.invoke(app, ["pairs", "mit-states", "--data", str(data), "--out", str(tmp_path / "p.parquet"),
                                   "--model", str(tiny_blip_dir)])
     assert stopped.exit_code == 2 and "--skip-bad" in stopped.output

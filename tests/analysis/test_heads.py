@@ -8,7 +8,7 @@ import pytest
 
 from notice.analysis.heads import head_effects, head_heatmap, module_heatmap, rank_heads
 from notice.analysis.universal import rank_by_condition, universal_heads
-from tests_support import synthetic_table
+from results_fixtures import synthetic_table
 
 
 def test_module_heatmap_averages_over_samples_per_layer_and_position():

@@ -13,7 +13,7 @@ from PIL import Image
 import helpers
 from notice.pairs import Pair
 from notice.report.build import make_report
-from tests_support import synthetic_table
+from results_fixtures import synthetic_table
 
 
 def _pairs_with_masks(folder: Path, count: int = 2) -> list[Pair]:

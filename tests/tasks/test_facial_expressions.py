@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import datasets
+import dataset_fixtures
 from notice.errors import NoticeError
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
@@ -14,13 +14,13 @@ from notice.tasks.facial_expressions import EMOTION_ADJECTIVE, SENTIMENT, STR_WO
 
 
 def test_partners_have_the_opposite_sentiment(tmp_path, bert_tokenizer):
-    data = datasets.facial_expressions(tmp_path / "fer")
+    data = dataset_fixtures.facial_expressions(tmp_path / "fer")
     build_pairs("facial-expressions", tmp_path / "p.parquet", bert_tokenizer, data=data, seed=0,
                 corruptions=["image_smp", "text_str"])
     pairs = read_pairs(tmp_path / "p.parquet")
     smp = [p for p in pairs if p.corruption == "image_smp"]
-    others = sum(v for k, v in datasets.FER_COUNTS.items() if k != "happy")
-    assert len(smp) == 2 * min(datasets.FER_COUNTS["happy"], others)  # every match needs one happy face
+    others = sum(v for k, v in dataset_fixtures.FER_COUNTS.items() if k != "happy")
+    assert len(smp) == 2 * min(dataset_fixtures.FER_COUNTS["happy"], others)  # every match needs one happy face
     for pair in smp:
         clean = EMOTION_ADJECTIVE[Path(pair.clean_image).parent.name]
         other = EMOTION_ADJECTIVE[Path(pair.corrupt_image).parent.name]
@@ -36,7 +36,7 @@ def test_partners_have_the_opposite_sentiment(tmp_path, bert_tokenizer):
 def test_missing_split_folder_and_empty_emotion_folder(tmp_path, bert_tokenizer):
     with pytest.raises(NoticeError, match="images/train"):
         build_pairs("facial-expressions", tmp_path / "p.parquet", bert_tokenizer, data=tmp_path)
-    data = datasets.facial_expressions(tmp_path / "fer", {"happy": 2, "sad": 2, "fear": 0})
+    data = dataset_fixtures.facial_expressions(tmp_path / "fer", {"happy": 2, "sad": 2, "fear": 0})
     with pytest.raises(NoticeError, match="fear holds no images"):
         build_pairs("facial-expressions", tmp_path / "p.parquet", bert_tokenizer, data=data)
     report = build_pairs("facial-expressions", tmp_path / "p.parquet", bert_tokenizer, data=data, skip_bad=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import datasets
+import dataset_fixtures
 from notice.errors import NoticeError
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
@@ -19,7 +19,7 @@ def _state(path: str) -> tuple[str, str]:
 
 
 def test_partner_shows_the_same_noun_in_a_contrasting_state(tmp_path, bert_tokenizer):
-    data = datasets.mit_states(tmp_path / "mit")
+    data = dataset_fixtures.mit_states(tmp_path / "mit")
     report = build_pairs("mit-states", tmp_path / "p.parquet", bert_tokenizer, data=data, seed=1,
                          corruptions=["image_smp", "text_str"])
     pairs = read_pairs(tmp_path / "p.parquet")
@@ -45,7 +45,7 @@ def test_near_synonyms_are_never_contrasts():
 
 
 def test_empty_class_folder_is_named(tmp_path, bert_tokenizer):
-    data = datasets.mit_states(tmp_path / "mit", {"old car": 2, "new car": 2, "rusty car": 0})
+    data = dataset_fixtures.mit_states(tmp_path / "mit", {"old car": 2, "new car": 2, "rusty car": 0})
     with pytest.raises(NoticeError, match="rusty car holds no images"):
         build_pairs("mit-states", tmp_path / "p.parquet", bert_tokenizer, data=data)
     assert not (tmp_path / "p.parquet").exists()
@@ -54,7 +54,7 @@ def test_empty_class_folder_is_named(tmp_path, bert_tokenizer):
 
 
 def test_unreadable_image_is_named(tmp_path, bert_tokenizer):
-    data = datasets.mit_states(tmp_path / "mit", {"old car": 2, "new car": 2})
+    data = dataset_fixtures.mit_states(tmp_path / "mit", {"old car": 2, "new car": 2})
     (data / "images" / "new car" / "1.jpg").write_bytes(b"\x00\x01")
     with pytest.raises(NoticeError, match=r"new car/1.jpg"):
         build_pairs("mit-states", tmp_path / "p.parquet", bert_tokenizer, data=data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-import datasets
+import dataset_fixtures
 from notice.errors import NoticeError
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
@@ -13,10 +13,10 @@ from notice.tasks.svo_probes import ing_form, parse_triplet
 
 
 def test_both_directions_of_every_row_with_role_prompts(tmp_path, bert_tokenizer):
-    data = datasets.svo_probes(tmp_path / "svo")
+    data = dataset_fixtures.svo_probes(tmp_path / "svo")
     build_pairs("svo-probes", tmp_path / "p.parquet", bert_tokenizer, data=data, corruptions=["image_smp"])
     pairs = read_pairs(tmp_path / "p.parquet")
-    assert len(pairs) == 2 * len(datasets.SVO_ROWS)
+    assert len(pairs) == 2 * len(dataset_fixtures.SVO_ROWS)
     first = {p.metadata["direction"]: p for p in pairs if p.metadata["row"] == 2}
     assert first["forward"].clean_prompt == "is the man or the woman riding the horse?"
     assert (first["forward"].correct, first["forward"].incorrect) == ("man", "woman")
@@ -30,7 +30,7 @@ def test_both_directions_of_every_row_with_role_prompts(tmp_path, bert_tokenizer
 
 
 def test_str_swaps_a_word_of_the_same_role(tmp_path, bert_tokenizer):
-    data = datasets.svo_probes(tmp_path / "svo")
+    data = dataset_fixtures.svo_probes(tmp_path / "svo")
     build_pairs("svo-probes", tmp_path / "p.parquet", bert_tokenizer, data=data, corruptions=["text_str"])
     subjects = {"man", "woman", "dog", "girl", "boy", "child"}
     for pair in read_pairs(tmp_path / "p.parquet"):
@@ -55,7 +55,7 @@ def test_triplets_in_both_csv_spellings():
 
 
 def test_missing_column_names_the_file_and_writes_nothing(tmp_path, bert_tokenizer):
-    data = datasets.svo_probes(tmp_path / "svo")
+    data = dataset_fixtures.svo_probes(tmp_path / "svo")
     table = pd.read_csv(data / "svo_probes.csv").drop(columns=["neg_triplet"])
     table.to_csv(data / "svo_probes.csv", index=False)
     with pytest.raises(NoticeError, match=r"svo_probes.csv lacks column\(s\) neg_triplet") as info:
@@ -65,7 +65,7 @@ def test_missing_column_names_the_file_and_writes_nothing(tmp_path, bert_tokeniz
 
 
 def test_bad_rows_stop_with_the_row_or_are_skipped_and_counted(tmp_path, bert_tokenizer):
-    data = datasets.svo_probes(tmp_path / "svo")
+    data = dataset_fixtures.svo_probes(tmp_path / "svo")
     table = pd.read_csv(data / "svo_probes.csv")
     table.loc[1, "pos_triplet"] = "dog,sit"  # CSV row 3
     (data / "images" / "n003.jpg").unlink()  # row 5 loses its negative image
@@ -76,4 +76,4 @@ def test_bad_rows_stop_with_the_row_or_are_skipped_and_counted(tmp_path, bert_to
     report = build_pairs("svo-probes", tmp_path / "p.parquet", bert_tokenizer, data=data, skip_bad=True,
                          corruptions=["image_smp"])
     assert report.skipped == {"malformed triplet": 1, "missing image": 1, "unreadable image": 1}
-    assert report.pairs["image_smp"] == 2 * (len(datasets.SVO_ROWS) - 3)
+    assert report.pairs["image_smp"] == 2 * (len(dataset_fixtures.SVO_ROWS) - 3)
