@@ -10,7 +10,7 @@ import torch
 from notice.errors import NoticeError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip"}
+EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip", "easyvqa-llava": ASSETS / "easyvqa-llava"}
 DEFAULT_MODEL = "easyvqa-blip"
 
 
