@@ -129,3 +129,26 @@ def test_four_bit_is_refused_for_blip(tiny_blip_dir):
 def test_empty_question_is_refused(tiny_llava):
     with pytest.raises(NoticeError, match="empty question"):
         tiny_llava.answer_logits([helpers.noise_image(32, 0)], ["  "])
+
+
+def test_image_attention_maps_equal_transformers_eager_attention(tiny_llava):
+    """Rows sum to one and the image columns are transformers' own attention weights (eager)."""
+    image = helpers.shape_image(32)
+    maps, states = tiny_llava.cross_attention([image], [QUESTION])
+    lm = tiny_llava.streams["lm"]
+    tokens = tiny_llava.token_length(QUESTION)
+    assert maps.shape == (1, lm.layers, lm.heads, tokens, tiny_llava.num_image_tokens + 1)
+    assert states.shape == (1, tiny_llava.num_image_tokens + 1, lm.hidden)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(1, lm.layers, lm.heads, tokens), atol=1e-5, rtol=0)
+    inputs = tiny_llava.prepare([image], [QUESTION])
+    model = tiny_llava.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    span = tiny_llava.image_positions(inputs.input_ids[0])
+    theirs = torch.stack(out.attentions, dim=1)[..., span.start:span.stop]
+    torch.testing.assert_close(maps[..., 1:], theirs, atol=1e-5, rtol=1e-4)

@@ -322,6 +322,35 @@ class LlavaAdapter:
                 answers[i] = text.strip()
         return answers
 
+    @torch.no_grad()
+    def cross_attention(self, images: Sequence[Image.Image], questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention of every prompt position to the image, in BLIP's cross-attention layout for
+        head-function analysis: [B, layers, heads, T, 1+I] (column 0: all attention to non-image
+        tokens; columns 1..I: each image token) and the image tokens' LM inputs [B, 1+I, D] (row 0 zeros)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+        inputs = self.prepare(images, questions)
+        features = self.encode_image(inputs.pixel_values)
+        hidden = self.merge(inputs.input_ids, self.embed_question(inputs.input_ids), features)
+        batch, tokens = inputs.input_ids.shape
+        span = self.image_positions(inputs.input_ids[0])
+        rope = self._rope(hidden, torch.arange(tokens, device=hidden.device))
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=hidden.device).tril()
+        maps = []
+        for layer in self._lm.layers:
+            attn = layer.self_attn
+            normed = layer.input_layernorm(hidden)
+            query = attn.q_proj(normed).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
+            query, _ = apply_rotary_pos_emb(query, query, *rope)
+            keys, _ = self._keys_values(layer, normed, rope)
+            scores = query @ repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3) * attn.scaling
+            weights = scores.masked_fill(~causal, float("-inf")).float().softmax(-1)  # [B, H, T, T]
+            image = weights[..., span.start:span.stop]
+            maps.append(torch.cat([weights.sum(-1, keepdim=True) - image.sum(-1, keepdim=True), image], dim=-1))
+            hidden = layer(hidden, position_embeddings=rope, attention_mask=None)
+        states = torch.cat([torch.zeros_like(features[:, :1]), features], dim=1)
+        return torch.stack(maps, dim=1), states.float()
+
     @property
     def patch_grid(self) -> tuple[int, int, int]:
         """(rows, columns, pixels per patch side) of the vision tower's patches."""
