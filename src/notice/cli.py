@@ -13,6 +13,7 @@ from rich.table import Table
 
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
+from notice.pairs import CORRUPTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where and how vision-language models combine image and text (NOTICE).")
@@ -118,6 +119,7 @@ def _print_accuracy(result: dict) -> None:
 def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (default: the embedded model's)."),
                   family: str = typer.Option("blip", help="blip (the default model) or llava (the tiny LLaVA)."),
                   seed: int = typer.Option(0, help="Seed of every random choice in the recipe."),
+                  threads: int = typer.Option(2, help="torch CPU threads (1 is faster on a busy machine)."),
                   eval_each_epoch: bool = typer.Option(False, help="Report test accuracy after every epoch (blip).")) -> None:
     """Train an embedded default model (small BLIP or tiny LLaVA on easy-VQA) and write its model card."""
     from notice.models import EMBEDDED
@@ -129,14 +131,14 @@ def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (
         from notice.training.card import write_llava_model_card
         from notice.training.default_llava import LlavaRecipe, train_default_llava
 
-        summary = train_default_llava(out, LlavaRecipe(seed=seed), log=console.print)
+        summary = train_default_llava(out, LlavaRecipe(seed=seed, threads=threads), log=console.print)
         write_llava_model_card(out, summary, log=console.print)
         return
     from notice.training.card import write_model_card
     from notice.training.default_blip import Recipe
     from notice.training.default_blip import train_default as run
 
-    summary = run(out, Recipe(seed=seed), log=console.print, eval_every_epoch=eval_each_epoch)
+    summary = run(out, Recipe(seed=seed, threads=threads), log=console.print, eval_every_epoch=eval_each_epoch)
     write_model_card(out, summary, log=console.print)
 
 
@@ -150,6 +152,96 @@ def demo(model: str = ModelOption, images: int = typer.Option(200, help="easy-VQ
     except NoticeError as error:
         _fail(error)
     _print_accuracy(result)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+@app.command()
+def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-expressions, easyvqa-color or "
+                                                "easyvqa-shape."),
+          out: Path = typer.Option(..., "--out", "-o", help="Pairs file to write (Parquet); derived images and "
+                                                            "masks go to <name>_files/ beside it."),
+          data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder in its original layout "
+                                                                   "(easy-VQA: the installed package by default)."),
+          split: Optional[str] = typer.Option(None, help="easy-VQA: train or test (default test); "
+                                                         "facial expressions: the images/ subfolder (default train)."),
+          model: str = ModelOption,
+          corruptions: str = typer.Option(",".join(CORRUPTIONS), help="Comma-separated corruptions to make."),
+          limit: Optional[int] = typer.Option(None, help="Use at most N source items (images, CSV rows or "
+                                                         "image matches)."),
+          seed: int = typer.Option(0, help="Seed of every random choice (partners, option order, STR, noise)."),
+          skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad rows, images and folders "
+                                                                  "instead of stopping.")) -> None:
+    """Make clean/corrupt pairs of a task: SMP images, STR prompts and Gaussian-noise baselines."""
+    from notice.corrupt.text import load_tokenizer
+    from notice.tasks import build_pairs
+
+    try:
+        tokenizer = load_tokenizer(model)  # STR and text-noise positions follow the model's own tokenizer
+        with _progress() as progress:
+            report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
+                                 corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
+                                 progress=progress)
+    except NoticeError as error:
+        _fail(error)
+    table = Table("corruption", "pairs", title=task)
+    for kind, count in report.pairs.items():
+        table.add_row(kind, str(count))
+    console.print(table)
+    console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
+    for reason, count in sorted(report.skipped.items()):
+        console.print(f"skipped {count}: {reason}", highlight=False)
+    if report.str_rejected_candidates:
+        console.print(f"STR rejected {report.str_rejected_candidates} contrast word(s) whose tokens did not "
+                      "align with the clean prompt", highlight=False)
+
+
+@app.command()
+def select(pairs_file: Path = typer.Argument(..., metavar="PAIRS", help="Pairs file made by `notice pairs`."),
+           out: Path = typer.Option(..., "--out", "-o", help="Selected pairs file to write (Parquet); drop counts "
+                                                             "go to <name>.selection.json beside it."),
+           model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
+           threshold: float = typer.Option(0.0, help="Margin of the flip: clean logit difference above it, "
+                                                     "corrupt below minus it."),
+           seed: int = typer.Option(0, help="Seed of the balancing draw."),
+           balance: bool = typer.Option(True, "--balance/--no-balance", help="Equal counts per category and "
+                                                                             "answer order."),
+           max_per_cell: Optional[int] = typer.Option(None, help="At most N pairs per category, answer order "
+                                                                 "and corruption."),
+           batch_size: int = typer.Option(32, help="Pairs per forward pass.")) -> None:
+    """Keep pairs the model answers right whose corruption flips the answer; balance and report drops."""
+    from notice.models import load_model
+    from notice.pairs import read_pairs
+    from notice.select import select_pairs, write_selection
+
+    try:
+        loaded = read_pairs(pairs_file)
+        adapter = load_model(model, device=device, dtype=dtype)
+        with _progress() as progress:
+            selection = select_pairs(adapter, loaded, threshold=threshold, seed=seed, balance=balance,
+                                     max_per_cell=max_per_cell, batch_size=batch_size, progress=progress)
+        _print_selection(selection.as_dict(), out)
+        written, report = write_selection(selection, out)
+    except NoticeError as error:
+        _fail(error)
+    console.print(f"wrote {written} and {report}", highlight=False, soft_wrap=True)
+
+
+def _print_selection(summary: dict, out: Path) -> None:
+    from notice.select import FILTERS
+
+    table = Table("corruption", "input", *FILTERS, "kept", title="selection")
+    for kind, row in summary["by_corruption"].items():
+        table.add_row(kind, str(row["input"]), *(str(row[f]) for f in FILTERS), str(row["kept"]))
+    console.print(table)
+    for name in FILTERS:
+        console.print(f"dropped {summary['dropped'][name]}: {name}", highlight=False, soft_wrap=True)
+    console.print(f"kept {summary['kept']} of {summary['input']} pairs", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

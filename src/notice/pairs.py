@@ -18,6 +18,8 @@ from notice.errors import NoticeError
 from notice.io import atomic_path
 
 CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise")
+# metadata entries that are file paths (object masks): stored relative like the images
+PATH_METADATA = ("clean_mask", "corrupt_mask")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ def write_pairs(pairs: Iterable[Pair], path: str | Path) -> Path:
         row = asdict(pair)
         for key in ("clean_image", "corrupt_image"):
             row[key] = _relative(Path(row[key]), root)
+        row["metadata"] = dict(row["metadata"])
+        for key in PATH_METADATA:
+            if key in row["metadata"]:
+                row["metadata"][key] = _relative(Path(row["metadata"][key]), root)
         row["metadata"] = json.dumps(row["metadata"], sort_keys=True)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -81,6 +87,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
         for key in ("clean_image", "corrupt_image"):
             row[key] = str(root / row[key]) if not Path(row[key]).is_absolute() else row[key]
         row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}
+        for key in PATH_METADATA:
+            if key in row["metadata"] and not Path(row["metadata"][key]).is_absolute():
+                row["metadata"][key] = str(root / row["metadata"][key])
         pairs.append(Pair(**row))
     return pairs
 

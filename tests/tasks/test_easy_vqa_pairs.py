@@ -1,0 +1,108 @@
+"""easy-VQA minimal pairs from the installed data and from a folder in its layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from notice.corrupt.image import load_mask
+from notice.pairs import read_pairs
+from notice.tasks import build_pairs
+from notice.tasks.easy_vqa import pixel_color
+
+
+def _pixels(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_colour_pairs_differ_only_inside_the_object_mask(tmp_path, bert_tokenizer):
+    out = tmp_path / "color.parquet"
+    build_pairs("easyvqa-color", out, bert_tokenizer, limit=5, seed=3, corruptions=["image_smp"])
+    pairs = read_pairs(out)
+    assert len(pairs) == 10 and {p.metadata["direction"] for p in pairs} == {"forward", "reverse"}
+    for pair in pairs:
+        clean, corrupt = _pixels(pair.clean_image), _pixels(pair.corrupt_image)
+        mask = load_mask(pair.metadata["clean_mask"])
+        np.testing.assert_array_equal(clean[mask == 0], corrupt[mask == 0])
+        assert np.any(clean[mask > 0] != corrupt[mask > 0])
+        assert pixel_color(clean) == pair.correct and pixel_color(corrupt) == pair.incorrect
+        assert pair.clean_prompt == pair.corrupt_prompt == f"is the shape {_options(pair)}?"
+    # forward and reverse share the prompt, so the right answer comes first exactly half the time
+    assert Counter(p.metadata["correct_first"] for p in pairs) == Counter({True: 5, False: 5})
+
+
+def _options(pair) -> str:
+    a, b = pair.clean_prompt.removeprefix("is the shape ").removesuffix("?").split(" or ")
+    assert {a, b} == {pair.correct, pair.incorrect}
+    return f"{a} or {b}"
+
+
+def test_shape_pairs_redraw_in_the_same_colour_and_box(tmp_path, bert_tokenizer):
+    out = tmp_path / "shape.parquet"
+    build_pairs("easyvqa-shape", out, bert_tokenizer, limit=4, seed=0, corruptions=["image_smp"])
+    for pair in read_pairs(out):
+        clean, corrupt = _pixels(pair.clean_image), _pixels(pair.corrupt_image)
+        old, new = load_mask(pair.metadata["clean_mask"]), load_mask(pair.metadata["corrupt_mask"])
+        untouched = (old == 0) & (new == 0)
+        np.testing.assert_array_equal(clean[untouched], corrupt[untouched])
+        assert pixel_color(clean) == pixel_color(corrupt) == pair.metadata["color"]
+        assert pair.correct != pair.incorrect and "is this a" in pair.clean_prompt
+        ys, xs = np.nonzero(old > 0.5)
+        ys2, xs2 = np.nonzero(new > 0.5)
+        assert xs2.min() >= xs.min() - 1 and xs2.max() <= xs.max() + 1  # inside the old box
+        assert ys2.min() >= ys.min() - 1 and ys2.max() <= ys.max() + 1
+
+
+def test_every_corruption_shares_the_clean_input_of_its_sample(tmp_path, bert_tokenizer):
+    out = tmp_path / "all.parquet"
+    report = build_pairs("easyvqa-color", out, bert_tokenizer, limit=3, seed=0)
+    by_sample: dict[str, list] = {}
+    for pair in read_pairs(out):
+        by_sample.setdefault(pair.metadata["sample"], []).append(pair)
+    assert len(by_sample) == 6
+    for pairs in by_sample.values():
+        assert len({(p.clean_image, p.clean_prompt, p.correct, p.incorrect) for p in pairs}) == 1
+        kinds = {p.corruption: p for p in pairs}
+        assert {"image_smp", "image_noise", "text_noise"} <= set(kinds)
+        assert kinds["image_noise"].metadata["noise"]["positions"] == "object"
+        text = kinds["text_noise"].metadata["noise"]
+        if "text_str" in kinds:  # text noise sits exactly where STR replaces the answer word
+            assert text["positions"] == kinds["text_str"].metadata["str"]["positions"]
+        assert text["seed"] == kinds["image_noise"].metadata["noise"]["seed"]
+    assert report.pairs["image_smp"] == 6
+
+
+def test_same_seed_same_pairs_and_another_seed_differs(tmp_path, bert_tokenizer):
+    def frame(name, seed):
+        build_pairs("easyvqa-color", tmp_path / name, bert_tokenizer, limit=6, seed=seed)
+        return [(p.id, p.clean_prompt, p.corrupt_prompt, json.dumps(p.metadata.get("noise"))) for p in
+                read_pairs(tmp_path / name)]
+
+    assert frame("a.parquet", 1) == frame("b.parquet", 1)
+    assert frame("a.parquet", 1) != frame("c.parquet", 2)
+
+
+def test_data_folder_in_the_package_layout(tmp_path, bert_tokenizer):
+    from notice.tasks.easy_vqa import image_paths, load_questions
+
+    data = tmp_path / "easy"
+    (data / "test" / "images").mkdir(parents=True)
+    paths = image_paths("test")
+    keep = sorted(paths)[:3]
+    for image_id in keep:
+        shutil.copy(paths[image_id], data / "test" / "images" / f"{image_id}.png")
+    rows = [[q.question, q.answer, q.image_id] for q in load_questions("test") if q.image_id in keep]
+    (data / "test" / "questions.json").write_text(json.dumps(rows))
+    (data / "test" / "images" / f"{keep[0]}.png").write_bytes(b"not a png")
+    with pytest.raises(Exception, match=f"{keep[0]}.png"):
+        build_pairs("easyvqa-color", tmp_path / "x.parquet", bert_tokenizer, data=data)
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x_files").exists()
+    report = build_pairs("easyvqa-color", tmp_path / "x.parquet", bert_tokenizer, data=data, skip_bad=True)
+    assert report.skipped["unreadable image"] == 1 and report.pairs["image_smp"] == 4
+    assert not list(Path(tmp_path).glob(".*part*"))
