@@ -150,3 +150,22 @@ def test_site_catalogue_names_llava_streams(tiny_llava):
     assert "lm.{0..2}.self_attn.head{0..5}@{token}" in lines
     assert "projector.{0..0}.layer@{image token}" in lines
     assert not any(line.startswith("projector") and "head" in line for line in lines)
+
+
+def test_noise_runs_agree_between_selection_and_patching(tiny_llava):
+    """A Gaussian-noise pair's corrupt logits are the same through corrupt.noise and through a Run."""
+    from notice.corrupt.noise import noise_logits, noise_spec, resolve_positions
+    from notice.pairs import Pair
+
+    image = helpers.shape_image(32)
+    question = "what color is the shape?"
+    for stream, positions in (("vision", "all"), ("text", tiny_llava.question_positions(question))):
+        pair = Pair(id="p", task="t", corruption="image_noise" if stream == "vision" else "text_noise", clean_image="x.png",
+                    corrupt_image="x.png", clean_prompt=question, corrupt_prompt=question, correct="red",
+                    incorrect="blue", metadata={"noise": noise_spec(stream, positions, seed=3)})
+        selected = noise_logits(tiny_llava, [pair], [image])[0]
+        resolved = dict(pair.metadata["noise"], positions=resolve_positions(tiny_llava, pair))
+        _, corrupt = tiny_llava.runs_for(image, image, question, question, resolved)
+        torch.testing.assert_close(tiny_llava.run_logits(corrupt)[0], selected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(selected, tiny_llava.answer_logits([image], [question])[0], atol=1e-3)
+    assert len(resolve_positions(tiny_llava, pair)) > 0

@@ -267,6 +267,14 @@ class LlavaAdapter:
         return self.run_lm(embeds).float()
 
     @torch.no_grad()
+    def logits_from_embeddings(self, inputs: LlavaInputs, image_embeddings: torch.Tensor,
+                               token_embeddings: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] float32 from vision embeddings [B, 1+P, Dv] and token embeddings
+        [B, T, D] (e.g. with Gaussian noise added; noise at image-token positions is overwritten)."""
+        features = self.encode_image(image_embeddings=image_embeddings)
+        return self.run_lm(self.merge(inputs.input_ids, token_embeddings, features)).float()
+
+    @torch.no_grad()
     def answer_logits(self, images: Sequence[Image.Image], questions: Sequence[str],
                       batch_size: int = 16) -> torch.Tensor:
         """The answer's first-token logits over the vocabulary, [B, V] float32."""
