@@ -152,3 +152,28 @@ def test_image_attention_maps_equal_transformers_eager_attention(tiny_llava):
     span = tiny_llava.image_positions(inputs.input_ids[0])
     theirs = torch.stack(out.attentions, dim=1)[..., span.start:span.stop]
     torch.testing.assert_close(maps[..., 1:], theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_llava_1_5_7b_architecture_facts_without_weights():
+    """llava-hf/llava-1.5-7b-hf's config (built on the meta device): 576 image tokens, 23 CLIP layers
+    feeding the projector (feature layer -2), 32x32 LM heads of size 128; positions come from the ids."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    processor = helpers.llava_processor(336, 14)
+    vision = dict(model_type="clip_vision_model", hidden_size=1024, image_size=336, intermediate_size=4096,
+                  num_attention_heads=16, num_hidden_layers=24, patch_size=14, projection_dim=768)
+    text = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                num_hidden_layers=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    adapter = LlavaAdapter(model, processor, "llava-1.5-7b (meta)")
+    assert adapter.num_image_tokens == 576
+    assert adapter.streams["vision"].layers == 23
+    lm = adapter.streams["lm"]
+    assert (lm.layers, lm.heads, lm.head_dim, adapter.num_kv_heads) == (32, 32, 128, 32)
+    ids = processor(images=helpers.noise_image(336, 0), text=adapter.prompt(QUESTION), return_tensors="pt")["input_ids"][0]
+    span = adapter.image_positions(ids)
+    assert len(span) == 576 and adapter.token_length(QUESTION) == len(ids)
+    assert adapter.answer_position(ids) == len(ids) - 1 and span.stop < len(ids)
