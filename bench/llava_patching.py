@@ -24,16 +24,21 @@ from notice.patching.sites import Site
 from notice.tasks import easy_vqa
 
 
-def forward_with_hook(adapter, run, site: Site, edit) -> torch.Tensor:
-    module, kind = adapter.hook_point(site)
-    if kind == "input":
-        handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
-    else:
-        handle = module.register_forward_hook(lambda m, args, out: edit(out))
+def forward_with_hook(adapter, run, site: Site, edit=None) -> torch.Tensor:
+    """transformers' own forward of the whole model (logits at every position), as the research code ran it."""
+    handle = None
+    if edit is not None:
+        module, kind = adapter.hook_point(site)
+        if kind == "input":
+            handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
+        else:
+            handle = module.register_forward_hook(lambda m, args, out: edit(out))
     try:
-        return adapter.run_logits(run)
+        with torch.no_grad():
+            return adapter.model(input_ids=run.inputs.input_ids, pixel_values=run.inputs.pixel_values).logits[:, -1]
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
 
 
 def research_cell(adapter, clean, corrupt, site: Site) -> torch.Tensor:
@@ -52,7 +57,7 @@ def research_cell(adapter, clean, corrupt, site: Site) -> torch.Tensor:
         return t
 
     forward_with_hook(adapter, clean, site, grab)
-    adapter.run_logits(corrupt)  # the research code reruns the corrupt input for its baseline each cell
+    forward_with_hook(adapter, corrupt, site)  # the research code reruns the corrupt input for its baseline each cell
     return forward_with_hook(adapter, corrupt, site, patch)[0]
 
 
@@ -121,7 +126,7 @@ def main() -> None:
     started = time.perf_counter()
     receiving, source = adapter.trace(corrupt), adapter.trace(clean)
     trace_seconds = time.perf_counter() - started
-    full_flops = flops(lambda: adapter.run_logits(corrupt))
+    full_flops = flops(lambda: forward_with_hook(adapter, corrupt, None))
     report = {"model": args.model, "tokens": int(ids.shape[0]), "image_tokens": len(image),
               "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
               "full_forward_flops": full_flops, "sweeps": {}}
@@ -161,7 +166,8 @@ def main() -> None:
             "time_ratio": research_cell_seconds / engine_cell,
             "time_ratio_with_traces": research_cell_seconds / (engine_cell + trace_seconds / len(sites)),
             "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
-            "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors)}
+            "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
+            "max_abs_patch_effect": float((fast - receiving.logits).abs().max())}
 
     big = llava_7b_flops(text_tokens=int(ids.shape[0]) - len(image))
     ratio = big["research_cell"] / big["engine_cell_answer_head"]

@@ -335,7 +335,7 @@ class LlavaAdapter:
         """Self-attention of every prompt position to the image, in BLIP's cross-attention layout for
         head-function analysis: [B, layers, heads, T, 1+I] (column 0: all attention to non-image
         tokens; columns 1..I: each image token) and the image tokens' LM inputs [B, 1+I, D] (row 0 zeros)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+        from transformers.models.llama.modeling_llama import repeat_kv
 
         inputs = self.prepare(images, questions)
         features = self.encode_image(inputs.pixel_values)
@@ -349,7 +349,7 @@ class LlavaAdapter:
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
             query = attn.q_proj(normed).view(batch, tokens, -1, attn.head_dim).transpose(1, 2)
-            query, _ = apply_rotary_pos_emb(query, query, *rope)
+            query = _rotate(query, rope)
             keys, _ = self._keys_values(layer, normed, rope)
             scores = query @ repeat_kv(keys, attn.num_key_value_groups).transpose(2, 3) * attn.scaling
             weights = scores.masked_fill(~causal, float("-inf")).float().softmax(-1)  # [B, H, T, T]
@@ -474,15 +474,11 @@ class LlavaAdapter:
 
     def _keys_values(self, layer, normed: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
         """Roped keys and values [B, KVH, Q, d] of one LM layer for its normed input [B, Q, D]."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         attn = layer.self_attn
         shape = (*normed.shape[:2], -1, attn.head_dim)
         k = attn.k_proj(normed).view(shape).transpose(1, 2)
         v = attn.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = rope
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        return k, v
+        return _rotate(k, rope), v
 
     @torch.no_grad()
     def trace(self, run: Run, streams: set[str] | None = None) -> Trace:
@@ -542,7 +538,7 @@ class LlavaAdapter:
         n = len(batch)
         if batch.stream == "lm":
             start = int(batch.positions.min())
-            hidden = self._patched_layer(receiving, source, batch)[:, start:]  # [N, T-start, D]
+            hidden = self._patched_layer(receiving, source, batch, start)  # [N, T-start, D]
             return self._run_lm_from(receiving, hidden, batch.layer + 1, start)
         image_start = receiving.cache["image_start"]
         if batch.stream == "vision":
@@ -570,9 +566,10 @@ class LlavaAdapter:
             value = torch.where(columns[:, None, :], value, mine[index])
         return base.clone().scatter_(1, index[..., None].expand(-1, -1, base.shape[-1]), value)
 
-    def _patched_layer(self, receiving: Trace, source: Trace, batch: PatchBatch) -> torch.Tensor:
-        """The patched layer's output [N, P, W]: the receiving run's, with the patched rows recomputed
-        position-wise from the patched target (attention and MLP mix no positions after the values)."""
+    def _patched_layer(self, receiving: Trace, source: Trace, batch: PatchBatch, start: int = 0) -> torch.Tensor:
+        """The patched layer's output at positions start.. [N, P-start, W]: the receiving run's, with the
+        patched rows recomputed position-wise from the patched target (nothing after the values mixes
+        positions)."""
         key, target, index = (batch.stream, batch.layer), batch.target, batch.positions  # index [N, K]
         mine, theirs = receiving.acts[key], source.acts[key]
         value = theirs[target][index]  # [N, K, W]
@@ -590,35 +587,39 @@ class LlavaAdapter:
             after = mine["x"][index] + value
             norm = layer.layer_norm2 if batch.stream == "vision" else layer.post_attention_layernorm
             rows = after + layer.mlp(norm(after))
-        out = mine["layer"].expand(len(batch), -1, -1).clone()
-        return out.scatter_(1, index[..., None].expand(-1, -1, out.shape[-1]), rows)
+        out = mine["layer"][start:].expand(len(batch), -1, -1).clone()
+        return out.scatter_(1, (index - start)[..., None].expand(-1, -1, out.shape[-1]), rows)
 
     def _run_lm_from(self, receiving: Trace, hidden: torch.Tensor, first_layer: int, start: int) -> torch.Tensor:
         """Logits [N, V] from LM layers first_layer.. on positions start..T-1 (hidden [N, Q, D]); positions
         before `start` are the receiving run's, so their cached keys and values serve as the prefix."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
         n, q = hidden.shape[:2]
         positions = torch.arange(start, start + q, device=hidden.device)
         rope = self._rope(hidden, positions)
         total = start + q
-        causal = torch.ones(q, total, dtype=torch.bool, device=hidden.device).tril(diagonal=start)  # [Q, T]
+        causal = None if q == 1 else torch.ones(q, total, dtype=torch.bool, device=hidden.device).tril(diagonal=start)
         for l in range(first_layer, len(self._lm.layers)):
             layer = self._lm.layers[l]
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
             shape = (n, q, -1, attn.head_dim)
-            query = attn.q_proj(normed).view(shape).transpose(1, 2)  # [N, H, Q, d]
-            cos, sin = rope
-            query, _ = apply_rotary_pos_emb(query, query, cos, sin)
+            query = _rotate(attn.q_proj(normed).view(shape).transpose(1, 2), rope)  # [N, H, Q, d]
             k_new, v_new = self._keys_values(layer, normed, rope)  # [N, KVH, Q, d]
             k_prefix, v_prefix = (t[:, :, :start].expand(n, -1, -1, -1) for t in receiving.cache["kv"][l])
-            keys = repeat_kv(torch.cat([k_prefix, k_new], dim=2), attn.num_key_value_groups)  # [N, H, T, d]
-            values = repeat_kv(torch.cat([v_prefix, v_new], dim=2), attn.num_key_value_groups)
-            z = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal, scale=attn.scaling)
+            keys = torch.cat([k_prefix, k_new], dim=2)  # [N, KVH, T, d]: query heads share them by group
+            values = torch.cat([v_prefix, v_new], dim=2)
+            z = F.scaled_dot_product_attention(query, keys, values, attn_mask=causal, scale=attn.scaling,
+                                               enable_gqa=attn.num_key_value_groups > 1)
             hidden = hidden + attn.o_proj(z.transpose(1, 2).reshape(n, q, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(self._lm.norm(hidden[:, -1])).float()
+
+
+def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE as Llama applies it: x [B, heads, Q, d] with cos, sin [1, Q, d]."""
+    cos, sin = (t[:, None] for t in rope)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def four_bit_config(compute_dtype: torch.dtype):
