@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from notice.models import load_model
-from notice.models.llava import PatchBatch
+from notice.models.base import PatchBatch
 from notice.patching.sites import Site
 from notice.tasks import easy_vqa
 

@@ -73,6 +73,36 @@ def noise_image(size: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def sensitize(model, seed: int = 0):
+    """Re-draw a random-init model's matrices at unit gain (embeddings N(0, 1), linear layers N(0, 1/fan_in)),
+    so that image and question visibly move the answer logits; at init scale 0.02 they barely do."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                std = 1.0 if "embeddings" in name else param.shape[1] ** -0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval()
+
+
+EASYVQA_WORDS = ["what", "color", "is", "the", "shape", "this", "a", "or", "does", "image", "contain",
+                 "red", "green", "blue", "yellow", "teal", "brown", "gray", "black",
+                 "circle", "rectangle", "triangle", "yes", "no"]
+
+
+def easyvqa_arch_blip(folder: Path, seed: int = 0):
+    """The embedded default model's architecture (notice.training.default_blip.Recipe), random init,
+    with a vocabulary of easy-VQA words; sensitized like the tiny test model."""
+    from notice.models.blip import BlipAdapter
+    from notice.tasks.easy_vqa import Question
+    from notice.training.default_blip import Recipe, build_model, build_processor, build_vocab
+
+    recipe = Recipe(seed=seed)
+    vocab = build_vocab([Question(" ".join(EASYVQA_WORDS) + "?", "yes", 0, "yes/no")])
+    processor = build_processor(vocab, recipe.image_size, folder)
+    model = build_model(recipe, len(vocab), {t: vocab.index(t) for t in ("[PAD]", "[DEC]", "[SEP]")})
+    return BlipAdapter(sensitize(model.eval(), seed), processor, "easyvqa-arch")
+
 # ---------------------------------------------------------------------- LLaVA
 # llava-1.5-7b's prompt format (llava-hf/llava-1.5-7b-hf chat_template.json, simplified to one image turn)
 LLAVA_CHAT_TEMPLATE = (

@@ -60,7 +60,7 @@ def test_model_card_numbers_are_reproduced_by_evaluate():
 
 def test_color_pair_patching_at_the_answer_token_is_exact(default_llava):
     """On the trained model too, the KV-prefix path equals the plain hook way, to 1e-4."""
-    from notice.models.llava import PatchBatch
+    from notice.models.base import PatchBatch
 
     labels = easy_vqa.image_labels("test")
     ordered = [labels[i] for i in sorted(labels)]

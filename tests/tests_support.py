@@ -20,13 +20,14 @@ def synthetic_table(planted: dict[str, list[tuple[int, int]]], samples: int = 12
                     for component in ("layer", "mlp", "cross_attn"):
                         rows.append(dict(pair_id=pair_id, task=task, modality=modality, corruption=f"{modality}_x",
                                          direction="denoise", stream="text", layer=layer, component=component,
-                                         head=np.nan, position=position, token=f"t{position}",
-                                         effect=(layer + 1) * 0.1 * (position == 2) + rng.normal(0, 0.01),
-                                         flagged=False))
+                                         head=pd.NA, position=position, token=f"t{position}",
+                                         normalized_effect=(layer + 1) * 0.1 * (position == 2)
+                                         + rng.normal(0, 0.01), flags=""))
                     for head in range(heads):
                         big = (layer, head) in strong and position == 2
                         rows.append(dict(pair_id=pair_id, task=task, modality=modality, corruption=f"{modality}_x",
                                          direction="denoise", stream="text", layer=layer, component="cross_attn",
                                          head=head, position=position, token=f"t{position}",
-                                         effect=(0.8 if big else 0.0) + rng.normal(0, 0.02), flagged=False))
-    return pd.DataFrame(rows)
+                                         normalized_effect=(0.8 if big else 0.0) + rng.normal(0, 0.02),
+                                         flags=""))
+    return pd.DataFrame(rows).astype({"head": "Int64", "position": "Int64"})

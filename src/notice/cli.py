@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -143,105 +144,99 @@ def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (
 
 
 @app.command()
-def demo(model: str = ModelOption, images: int = typer.Option(200, help="easy-VQA test images to evaluate.")) -> None:
-    """The main job on the embedded default model: load it and measure it on easy-VQA test questions."""
-    from notice.evaluation import easy_vqa_accuracy
-
-    try:
-        result = easy_vqa_accuracy(model, split="test", limit_images=images, seed=0)
-    except NoticeError as error:
-        _fail(error)
-    _print_accuracy(result)
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
-
-
-@app.command()
-def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-expressions, easyvqa-color or "
-                                                "easyvqa-shape."),
-          out: Path = typer.Option(..., "--out", "-o", help="Pairs file to write (Parquet); derived images and "
-                                                            "masks go to <name>_files/ beside it."),
-          data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder in its original layout "
-                                                                   "(easy-VQA: the installed package by default)."),
-          split: Optional[str] = typer.Option(None, help="easy-VQA: train or test (default test); "
-                                                         "facial expressions: the images/ subfolder (default train)."),
+def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `notice pairs` or `notice select`)."),
           model: str = ModelOption,
-          corruptions: str = typer.Option(",".join(CORRUPTIONS), help="Comma-separated corruptions to make."),
-          limit: Optional[int] = typer.Option(None, help="Use at most N source items (images, CSV rows or "
-                                                         "image matches)."),
-          seed: int = typer.Option(0, help="Seed of every random choice (partners, option order, STR, noise)."),
-          skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad rows, images and folders "
-                                                                  "instead of stopping.")) -> None:
-    """Make clean/corrupt pairs of a task: SMP images, STR prompts and Gaussian-noise baselines."""
-    from notice.corrupt.text import load_tokenizer
-    from notice.tasks import build_pairs
+          sites: str = typer.Option("text.*.cross_attn.head*,text.*.mlp", "--sites",
+                                    help="Comma-separated site patterns, e.g. 'text.*.cross_attn.head*,text.*.mlp'; "
+                                         "see `notice info` for a model's sites."),
+          direction: str = typer.Option("denoise", help="denoise (clean into corrupt, as in the paper) or noise."),
+          out: Path = typer.Option(..., "--out", help="Results folder (one Parquet shard per pair; reruns resume)."),
+          max_memory: str = typer.Option("4GB", "--max-memory", help="Memory for the batched cells, e.g. 8GB."),
+          batch_size: Optional[int] = typer.Option(None, help="Cells per forward (default: as many as fit)."),
+          device: str = DeviceOption, dtype: str = DtypeOption,
+          checks: bool = typer.Option(True, "--checks/--no-checks", help="Sanity checks on every pair."),
+          limit: Optional[int] = typer.Option(None, help="Only the first N pairs.")) -> None:
+    """Activation patching of every site on every pair: a resumable long results table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    try:
-        tokenizer = load_tokenizer(model)  # STR and text-noise positions follow the model's own tokenizer
-        with _progress() as progress:
-            report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
-                                 corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
-                                 progress=progress)
-    except NoticeError as error:
-        _fail(error)
-    table = Table("corruption", "pairs", title=task)
-    for kind, count in report.pairs.items():
-        table.add_row(kind, str(count))
-    console.print(table)
-    console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
-    for reason, count in sorted(report.skipped.items()):
-        console.print(f"skipped {count}: {reason}", highlight=False)
-    if report.str_rejected_candidates:
-        console.print(f"STR rejected {report.str_rejected_candidates} contrast word(s) whose tokens did not "
-                      "align with the clean prompt", highlight=False)
-
-
-@app.command()
-def select(pairs_file: Path = typer.Argument(..., metavar="PAIRS", help="Pairs file made by `notice pairs`."),
-           out: Path = typer.Option(..., "--out", "-o", help="Selected pairs file to write (Parquet); drop counts "
-                                                             "go to <name>.selection.json beside it."),
-           model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
-           threshold: float = typer.Option(0.0, help="Margin of the flip: clean logit difference above it, "
-                                                     "corrupt below minus it."),
-           seed: int = typer.Option(0, help="Seed of the balancing draw."),
-           balance: bool = typer.Option(True, "--balance/--no-balance", help="Equal counts per category and "
-                                                                             "answer order."),
-           max_per_cell: Optional[int] = typer.Option(None, help="At most N pairs per category, answer order "
-                                                                 "and corruption."),
-           batch_size: int = typer.Option(32, help="Pairs per forward pass.")) -> None:
-    """Keep pairs the model answers right whose corruption flips the answer; balance and report drops."""
     from notice.models import load_model
     from notice.pairs import read_pairs
-    from notice.select import select_pairs, write_selection
+    from notice.patching.engine import SanityCheckError, count_cells, parse_memory, patch_pairs
 
     try:
-        loaded = read_pairs(pairs_file)
+        records = read_pairs(pairs)[:limit]
+        parse_memory(max_memory)
         adapter = load_model(model, device=device, dtype=dtype)
-        with _progress() as progress:
-            selection = select_pairs(adapter, loaded, threshold=threshold, seed=seed, balance=balance,
-                                     max_per_cell=max_per_cell, batch_size=batch_size, progress=progress)
-        _print_selection(selection.as_dict(), out)
-        written, report = write_selection(selection, out)
+        patterns = [s for s in sites.split(",") if s.strip()]
+        total = sum(count_cells(adapter, records, patterns))
+        columns = (TextColumn("[bold]patching"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                   TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task("patch", total=total, rate="")
+            clock = {"start": time.perf_counter(), "cells": 0}
+
+            def advance(n: int, skipped: bool = False) -> None:
+                if skipped:  # finished earlier: counts toward the bar, not toward the speed
+                    clock["start"] = time.perf_counter()
+                    clock["cells"] = 0
+                else:
+                    clock["cells"] += n
+                elapsed = time.perf_counter() - clock["start"]
+                bar.update(task, advance=n, rate=f"{clock['cells'] / elapsed:.1f} cells/s" if elapsed > 0 else "")
+
+            summary = patch_pairs(adapter, records, patterns, out, direction, max_memory=max_memory,
+                                  batch_size=batch_size, checks=checks, progress=advance, model_name=model,
+                                  dtype=dtype)
+    except (NoticeError, SanityCheckError) as error:
+        _fail(error)
+    console.print(f"{summary['done']} pairs patched, {summary['skipped']} already done, {summary['cells']} cells "
+                  f"in all; results in {out}")
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="Run config (YAML): model, tasks, selection, sites, report."),
+        out: Optional[Path] = typer.Option(None, help="Run folder (overrides the config's out).")) -> None:
+    """The whole pipeline for any model, tasks and sites named in a config file; resumable."""
+    from notice.pipeline import load_config, run_pipeline
+
+    try:
+        page = run_pipeline(load_config(config, out), console)
     except NoticeError as error:
         _fail(error)
-    console.print(f"wrote {written} and {report}", highlight=False, soft_wrap=True)
+    console.print(f"report: {page}")
 
 
-def _print_selection(summary: dict, out: Path) -> None:
-    from notice.select import FILTERS
+@app.command()
+def report(results: Path = typer.Argument(..., help="A run folder of `notice run`/`demo`, or a `notice patch` output."),
+           out: Path = typer.Option(..., help="Folder of the HTML report."),
+           model: Optional[str] = typer.Option(None, "--model", "-m",
+                                               help="Model for head-function figures (default: the one patched)."),
+           pairs: Optional[list[Path]] = typer.Option(None, help="Selected pairs files (images and masks)."),
+           title: str = typer.Option("notice report", help="Report title."),
+           min_conditions: Optional[int] = typer.Option(None, help="Universal: important in at least k conditions."),
+           top_k: int = typer.Option(10, help="Heads listed per condition.")) -> None:
+    """Heatmaps, ranked and universal heads, head functions: a static HTML report."""
+    from notice.report.build import report_from_folder
 
-    table = Table("corruption", "input", *FILTERS, "kept", title="selection")
-    for kind, row in summary["by_corruption"].items():
-        table.add_row(kind, str(row["input"]), *(str(row[f]) for f in FILTERS), str(row["kept"]))
-    console.print(table)
-    for name in FILTERS:
-        console.print(f"dropped {summary['dropped'][name]}: {name}", highlight=False, soft_wrap=True)
-    console.print(f"kept {summary['kept']} of {summary['input']} pairs", highlight=False, soft_wrap=True)
+    try:
+        page = report_from_folder(results, out, model=model, pairs_files=pairs or [], title=title,
+                                  min_conditions=min_conditions, top_k=top_k)
+    except NoticeError as error:
+        _fail(error)
+    console.print(f"report: {page}")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder."),
+         model: str = ModelOption) -> None:
+    """The main job on the embedded model: pairs, selection, exact patching, analysis, report."""
+    from notice.pipeline import demo_config, run_pipeline
+
+    try:
+        page = run_pipeline(demo_config(out, model), console)
+    except NoticeError as error:
+        _fail(error)
+    console.print(f"report: {page.resolve()}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

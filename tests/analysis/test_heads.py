@@ -33,11 +33,11 @@ def test_planted_heads_rank_first_and_are_important():
 
 def test_flagged_and_nan_rows_are_left_out():
     table = synthetic_table({"color/image": [(0, 0)]})
-    table.loc[table["pair_id"] == "color-image-0", "flagged"] = True
-    table.loc[table.index[:10], "effect"] = np.nan
+    table.loc[table["pair_id"] == "color-image-0", "flags"] = "small_gap"
+    table.loc[table.index[:10], "normalized_effect"] = np.nan
     effects = head_effects(table)
     assert "color-image-0" not in set(effects["pair_id"])
-    assert np.isfinite(effects["effect"]).all()
+    assert np.isfinite(effects["normalized_effect"]).all()
 
 
 def test_universal_heads_are_those_important_everywhere():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import helpers
-from notice.models.llava import PatchBatch
+from notice.models.base import PatchBatch
 from notice.patching.sites import ALL, Site, expand_sites, parse_site
 
 TOLERANCE = dict(atol=1e-4, rtol=1e-4)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-METRIC = "effect"  # the normalized effect: 0 = corrupt behaviour, 1 = clean behaviour
+METRIC = "normalized_effect"  # 0 = the receiving run's behaviour, 1 = the source run's
 
 
 def _valid(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows with a defined metric from pairs without flags (e.g. clean and corrupt too close to normalize)."""
     rows = table[np.isfinite(table[metric].astype(float))]
-    if "flagged" in rows:
-        rows = rows[~rows["flagged"].astype(bool)]
+    if "flags" in rows:
+        rows = rows[rows["flags"].fillna("") == ""]
     return rows
 
 
@@ -23,7 +24,7 @@ def module_heatmap(table: pd.DataFrame, stream: str, component: str, metric: str
     """Layer × position means of `metric` for whole-module patches, with counts and spread."""
     rows = _valid(table, metric)
     rows = rows[(rows["stream"] == stream) & (rows["component"] == component) & rows["head"].isna()
-                & (rows["position"] >= 0)]
+                & rows["position"].notna()].astype({"position": int})
     grouped = rows.groupby(["layer", "position"])[metric]
     return {name: getattr(grouped, name)().unstack("position").sort_index() for name in ("mean", "std", "count")}
 
@@ -37,11 +38,11 @@ def head_effects(table: pd.DataFrame, stream: str = "text", component: str = "cr
     if rows.empty:
         return pd.DataFrame(columns=["pair_id", "layer", "head", metric])
     keys = ["pair_id", "direction", "layer", "head"]
-    whole = rows[rows["position"] < 0]
+    whole = rows[rows["position"].isna()]
     if not whole.empty:
         return whole[keys + [metric]].reset_index(drop=True)
-    magnitude = rows[metric].abs()
-    strongest = rows.loc[magnitude.groupby([rows[k] for k in keys]).idxmax()]
+    rows = rows.reset_index(drop=True)
+    strongest = rows.loc[rows[metric].abs().groupby([rows[k] for k in keys]).idxmax()]
     return strongest[keys + [metric]].reset_index(drop=True)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -32,3 +33,71 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise NoticeError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
     return DTYPES[dtype]
+
+
+# ------------------------------------------------------------------ patching
+# What the patching engine exchanges with an adapter. The engine groups cells and keeps
+# the books; the adapter runs its own model from a patched layer on (it alone knows modules).
+
+@dataclass
+class Run:
+    """One side of a pair as the model receives it: prepared inputs, and the Gaussian-noise spec
+    (corrupt.noise) applied to one stream's embeddings for noise pairs."""
+
+    inputs: Any  # the adapter's prepared batch of one (BLIP: BlipInputs)
+    noise: dict[str, Any] | None = None
+
+
+@dataclass
+class Trace:
+    """One plain forward of a Run, kept for patched runs: the answer logits of the model's own
+    forward, every layer's intermediates by name, and adapter caches (cross-attention K/V)."""
+
+    logits: torch.Tensor  # [V] float32
+    acts: dict[tuple[str, int], dict[str, torch.Tensor]]  # (stream, layer) → name → [P, W]
+    cache: dict[str, Any] = field(default_factory=dict)
+    num_positions: dict[str, int] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.acts.values() for t in layer.values()]
+        tensors += [t for t in self.cache.values() if isinstance(t, torch.Tensor)]
+        tensors += [t for v in self.cache.values() if isinstance(v, (list, tuple)) for kv in v for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class PatchBatch:
+    """N cells that patch the same target of one layer, each at its own positions and columns.
+
+    target: a component ("layer", "self_attn", "cross_attn", "mlp") or a component's per-head
+    values before the output projection ("self_attn.z", "cross_attn.z").
+    """
+
+    stream: str
+    layer: int
+    target: str
+    positions: torch.Tensor  # [N, K] long: the positions each cell patches
+    columns: torch.Tensor | None = None  # [N, W] bool: columns taken from the source; None = all
+
+    def __len__(self) -> int:
+        return self.positions.shape[0]
+
+
+@runtime_checkable
+class Patchable(Protocol):
+    """What the patching engine needs from a model adapter (BLIP now; a causal LM with KV-prefix
+    reuse fits the same calls)."""
+
+    streams: dict[str, StreamFacts]
+
+    def runs_for(self, clean_image, corrupt_image, clean_prompt: str, corrupt_prompt: str,
+                 noise: dict[str, Any] | None) -> tuple[Run, Run]: ...
+    def run_logits(self, run: Run) -> torch.Tensor: ...  # [1, V] float32, the plain forward
+    def trace(self, run: Run, streams: set[str]) -> Trace: ...
+    def patched_logits(self, receiving: Trace, source: Trace, batches: Sequence[PatchBatch]) -> torch.Tensor: ...  # [N, V]
+    def hook_point(self, site) -> tuple[torch.nn.Module, str]: ...  # module, "output" | "input"
+    def site_columns(self, site) -> slice | None: ...
+    def num_positions(self, prompt: str) -> dict[str, int]: ...
+    def position_labels(self, run: Run) -> dict[str, list[str]]: ...
+    def full_patch_sites(self, modality: str) -> list[str]: ...
+    def cell_bytes(self, stream: str, num_positions: dict[str, int]) -> int: ...

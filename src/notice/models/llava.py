@@ -16,7 +16,7 @@ never touches the keys or values its group shares.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from notice.errors import NoticeError
-from notice.models.base import StreamFacts, resolve_dtype
+from notice.models.base import PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
 ANSWER_SCORING = ("first_token", "sequence")
 
@@ -37,33 +37,6 @@ class LlavaInputs:
     pixel_values: torch.Tensor  # [B, 3, H, W]
     input_ids: torch.Tensor  # [B, T], <image> expanded to one token per image feature
     attention_mask: torch.Tensor  # [B, T]
-
-
-# What the patching engine exchanges with adapters (same fields as the engine's own records).
-@dataclass
-class Run:
-    inputs: Any  # LlavaInputs of one example
-    noise: dict[str, Any] | None = None
-
-
-@dataclass
-class Trace:
-    logits: torch.Tensor  # [V] float32
-    acts: dict[tuple[str, int], dict[str, torch.Tensor]]  # (stream, layer) → name → [P, W]
-    cache: dict[str, Any] = field(default_factory=dict)
-    num_positions: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class PatchBatch:
-    stream: str
-    layer: int
-    target: str  # "layer", "self_attn", "mlp", or "self_attn.z" (per-head values before o_proj)
-    positions: torch.Tensor  # [N, K] long
-    columns: torch.Tensor | None = None  # [N, W] bool; None = every column
-
-    def __len__(self) -> int:
-        return self.positions.shape[0]
 
 
 class LlavaAdapter:
@@ -531,28 +504,30 @@ class LlavaAdapter:
         return Trace(logits=logits, acts=acts, cache=cache, num_positions=counts)
 
     @torch.no_grad()
-    def patched_logits(self, receiving: Trace, source: Trace, batch: PatchBatch) -> torch.Tensor:
-        """Answer logits [N, V] of N patched copies of the receiving run. The LM reruns only positions
-        from the first one the patch can change, attending the receiving run's cached keys and values
-        for the prefix before it, and only from the layer after the patched one."""
-        n = len(batch)
-        if batch.stream == "lm":
-            start = int(batch.positions.min())
-            hidden = self._patched_layer(receiving, source, batch, start)  # [N, T-start, D]
-            return self._run_lm_from(receiving, hidden, batch.layer + 1, start)
-        image_start = receiving.cache["image_start"]
-        if batch.stream == "vision":
-            hidden = self._patched_layer(receiving, source, batch)  # [N, 1+P, Dv]
-            for layer in self._vision.encoder.layers[batch.layer + 1:self.vision_layers_used]:
-                hidden = layer(hidden, None)
+    def patched_logits(self, receiving: Trace, source: Trace, batches: Sequence[PatchBatch] | PatchBatch) -> torch.Tensor:
+        """Answer logits [N, V] of patched copies of the receiving run (N = cells of all batches, which
+        share one stream and layer). The LM reruns only positions from the first one a patch can change,
+        attending the receiving run's cached keys and values for the prefix before it, and only from the
+        layer after the patched one."""
+        batches = [batches] if isinstance(batches, PatchBatch) else list(batches)
+        stream, layer = batches[0].stream, batches[0].layer
+        assert all((b.stream, b.layer) == (stream, layer) for b in batches), "one stream and layer per call"
+        first = min(int(b.positions.min()) for b in batches)
+        if stream == "lm":
+            hidden = torch.cat([self._patched_layer(receiving, source, b, first) for b in batches])  # [N, T-first, D]
+            return self._run_lm_from(receiving, hidden, layer + 1, first)
+        if stream == "vision":
+            hidden = torch.cat([self._patched_layer(receiving, source, b) for b in batches])  # [N, 1+P, Dv]
+            for block in self._vision.encoder.layers[layer + 1:self.vision_layers_used]:
+                hidden = block(hidden, None)
             features = self.project(hidden)  # [N, I, D]
             first = 0
         else:
-            mine = receiving.acts[("projector", 0)]["layer"]
-            features = self._scatter(mine.expand(n, -1, -1), batch.positions, source.acts[("projector", 0)]["layer"],
-                                     batch.columns, mine)
-            first = int(batch.positions.min())
-        lm_input = receiving.acts[("lm", 0)]["x"].expand(n, -1, -1).clone()  # [N, T, D]
+            mine, theirs = receiving.acts[("projector", 0)]["layer"], source.acts[("projector", 0)]["layer"]
+            features = torch.cat([self._scatter(mine.expand(len(b), -1, -1), b.positions, theirs, b.columns, mine)
+                                  for b in batches])  # [N, I, D]
+        image_start = receiving.cache["image_start"]
+        lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
         lm_input[:, image_start:image_start + self.num_image_tokens] = features.to(lm_input.dtype)
         start = image_start + first
         return self._run_lm_from(receiving, lm_input[:, start:], 0, start)

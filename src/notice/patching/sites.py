@@ -116,6 +116,8 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
                     if match["head"] is None:
                         heads: list[int | None] = [None]
                     elif not component.endswith("attn"):
+                        if match["component"] != "*":  # asked for heads of a component that has none
+                            validate_site(Site(stream, layer, component, 0, ALL), streams, num_positions)
                         continue
                     else:
                         heads = list(range(facts.heads)) if match["head"] == "*" else [int(match["head"])]

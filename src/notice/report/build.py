@@ -33,6 +33,12 @@ def position_labels(table: pd.DataFrame, positions: Sequence[int]) -> list[str]:
     return labels
 
 
+def selection_row(report: dict) -> dict:
+    """One row of counts from a selection report: pairs in, kept, and dropped by each filter."""
+    return {"input": report["input"], "kept": report["kept"],
+            **{f"dropped: {name}": count for name, count in report["dropped"].items()}}
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 
@@ -154,3 +160,31 @@ def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int,
     if figures:
         body += "<h3>Attention overlays</h3><div class=\"figures\">" + "".join(figures) + "</div>"
     return Section("What the heads do", body)
+
+
+def report_from_folder(results: Path, out: Path, model: str | None = None, pairs_files: Sequence[Path] = (),
+                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10) -> Path:
+    """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder."""
+    import json
+
+    from notice.models import load_model
+    from notice.pairs import read_pairs
+    from notice.store import load_results
+
+    results = Path(results)
+    run_config = results / "config.json"
+    selection: dict[str, dict] = {}
+    if run_config.is_file() and (results / "results").is_dir():  # a pipeline run folder
+        config = json.loads(run_config.read_text())
+        model = model or config["model"]
+        pairs_files = list(pairs_files) or sorted((results / "selected").glob("*.parquet"))
+        for path in sorted((results / "selected").glob("*.selection.json")):
+            selection[path.name.split(".")[0]] = selection_row(json.loads(path.read_text()))
+        results = results / "results"
+    table = load_results(results)
+    if model is None and "model" in table and table["model"].nunique() == 1:
+        model = str(table["model"].iloc[0])
+    adapter = load_model(model) if model and pairs_files else None
+    pairs = [p for f in pairs_files for p in read_pairs(f)]
+    return make_report(table, out, title, model or "unknown", adapter=adapter, pairs=pairs, selection=selection,
+                       min_conditions=min_conditions, top_k=top_k)

@@ -1,0 +1,37 @@
+"""Run configs: read strictly, with one-line errors naming the key or value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from notice.errors import NoticeError
+from notice.pipeline import DEFAULT_SITES, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_configs_load(tmp_path):
+    mit = load_config(ROOT / "configs" / "blip-vqa-base-mit-states.yaml")
+    assert mit.model == "Salesforce/blip-vqa-base"
+    assert mit.tasks[0].task == "mit-states" and len(mit.tasks[0].corruptions) == 4
+    assert Path(mit.tasks[0].data).parts[-2:] == ("data", "mit-states")
+    demo = load_config(ROOT / "configs" / "easyvqa-demo.yaml", out=tmp_path)
+    assert demo.out == tmp_path and demo.sites == DEFAULT_SITES and demo.max_per_cell == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tasks: [easyvqa-color]\nout: x\nmodle: y\n", "unknown key\\(s\\) modle"),
+    ("tasks: [easyvqa-color]\nout: x\nselect: {treshold: 1}\n", "treshold under select"),
+    ("out: x\n", "at least one entry under tasks"),
+    ("tasks: [{task: easyvqa-color, corruptions: [blur]}]\nout: x\n", "unknown corruption\\(s\\) blur"),
+    ("tasks: [easyvqa-color]\n", "out: FOLDER"),
+    ("tasks: [easyvqa-color\n", "not valid YAML"),
+])
+def test_bad_configs_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(NoticeError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
