@@ -19,7 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from notice.models import load_model
-from notice.models.base import PatchBatch
+from notice.patching.engine import make_batches, plan
 from notice.patching.sites import Site
 from notice.tasks import easy_vqa
 
@@ -59,16 +59,6 @@ def research_cell(adapter, clean, corrupt, site: Site) -> torch.Tensor:
     forward_with_hook(adapter, clean, site, grab)
     forward_with_hook(adapter, corrupt, site)  # the research code reruns the corrupt input for its baseline each cell
     return forward_with_hook(adapter, corrupt, site, patch)[0]
-
-
-def engine_batch(adapter, sites: list[Site], width: int, target: str) -> PatchBatch:
-    positions = torch.tensor([[int(s.position)] for s in sites])
-    columns = None
-    if sites[0].head is not None:
-        columns = torch.zeros(len(sites), width, dtype=torch.bool)
-        for row, site in enumerate(sites):
-            columns[row, adapter.site_columns(site)] = True
-    return PatchBatch(sites[0].stream, sites[0].layer, target, positions, columns)
 
 
 def flops(fn) -> int:
@@ -118,9 +108,9 @@ def main() -> None:
     lm = adapter.streams["lm"]
     mid = lm.layers // 2
     sweeps = {
-        "head sweep @ answer token": ([Site("lm", l, "self_attn", h, answer) for l in range(lm.layers)
-                                       for h in range(lm.heads)], "self_attn.z"),
-        f"image-token sweep, lm.{mid}.self_attn": ([Site("lm", mid, "self_attn", None, p) for p in image], "self_attn"),
+        "head sweep @ answer token": [Site("lm", l, "self_attn", h, answer) for l in range(lm.layers)
+                                      for h in range(lm.heads)],
+        f"image-token sweep, lm.{mid}.self_attn": [Site("lm", mid, "self_attn", None, p) for p in image],
     }
 
     started = time.perf_counter()
@@ -130,15 +120,14 @@ def main() -> None:
     report = {"model": args.model, "tokens": int(ids.shape[0]), "image_tokens": len(image),
               "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
               "full_forward_flops": full_flops, "sweeps": {}}
-    for name, (sites, target) in sweeps.items():
-        by_layer: dict[int, list[Site]] = {}
-        for site in sites:
-            by_layer.setdefault(site.layer, []).append(site)
-        batches = [engine_batch(adapter, group, receiving.acts[("lm", layer)][target].shape[-1], target)
-                   for layer, group in by_layer.items()]
+    for name, sites in sweeps.items():
+        groups = plan(sites, list(adapter.streams))  # the engine's own grouping and batches
+        batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
+        order = [i for group in groups for i in group.cells]
 
         def engine() -> torch.Tensor:
-            return torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])
+            out = torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])
+            return out[torch.argsort(torch.tensor(order))]  # back to site order
 
         engine()  # warm-up
         times = []
