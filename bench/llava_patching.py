@@ -41,8 +41,13 @@ def forward_with_hook(adapter, run, site: Site, edit=None) -> torch.Tensor:
             handle.remove()
 
 
-def research_cell(adapter, clean, corrupt, site: Site) -> torch.Tensor:
-    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward."""
+def research_cell(adapter, clean, corrupt, site: Site, inputs=None) -> torch.Tensor:
+    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward;
+    with `inputs` (images, question) the processor also prepares both inputs per cell, as it did."""
+    if inputs is not None:
+        images, question = inputs
+        clean = type(clean)(adapter.prepare([images[0]], [question]))
+        corrupt = type(corrupt)(adapter.prepare([images[1]], [question]))
     kept = {}
     columns = adapter.site_columns(site) or slice(None)
     p = int(site.position)
@@ -102,7 +107,8 @@ def main() -> None:
     from notice.io import load_image
 
     question = "what color is the shape?"
-    clean, corrupt = adapter.runs_for(load_image(first.path), load_image(other.path), question, question)
+    pictures = (load_image(first.path), load_image(other.path))
+    clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
     ids = clean.inputs.input_ids[0]
     answer, image = adapter.answer_position(ids), adapter.image_positions(ids)
     lm = adapter.streams["lm"]
@@ -140,19 +146,25 @@ def main() -> None:
 
         step = max(1, len(sites) // args.research_cells)
         chosen = list(range(0, len(sites), step))[:args.research_cells]
-        research_times, errors = [], []
+        research_times, processor_times, errors = [], [], []
         for i in chosen:
             t = time.perf_counter()
             slow = research_cell(adapter, clean, corrupt, sites[i])
             research_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            research_cell(adapter, clean, corrupt, sites[i], inputs=(pictures, question))
+            processor_times.append(time.perf_counter() - t)
             errors.append(float((slow - fast[i]).abs().max()))
         research_cell_seconds = statistics.median(research_times)
+        with_processor = statistics.median(processor_times)
         research_flops = 3 * full_flops
         report["sweeps"][name] = {
             "cells": len(sites), "research_cells_timed": len(chosen),
             "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
             "engine_seconds_per_cell_with_traces": engine_cell + trace_seconds / len(sites),
             "time_ratio": research_cell_seconds / engine_cell,
+            "research_seconds_per_cell_with_processor": with_processor,
+            "time_ratio_research_with_processor": with_processor / engine_cell,
             "time_ratio_with_traces": research_cell_seconds / (engine_cell + trace_seconds / len(sites)),
             "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
             "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
