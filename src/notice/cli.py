@@ -143,6 +143,96 @@ def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (
     write_model_card(out, summary, log=console.print)
 
 
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+@app.command()
+def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-expressions, easyvqa-color or "
+                                                "easyvqa-shape."),
+          out: Path = typer.Option(..., "--out", "-o", help="Pairs file to write (Parquet); derived images and "
+                                                            "masks go to <name>_files/ beside it."),
+          data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder in its original layout "
+                                                                   "(easy-VQA: the installed package by default)."),
+          split: Optional[str] = typer.Option(None, help="easy-VQA: train or test (default test); "
+                                                         "facial expressions: the images/ subfolder (default train)."),
+          model: str = ModelOption,
+          corruptions: str = typer.Option(",".join(CORRUPTIONS), help="Comma-separated corruptions to make."),
+          limit: Optional[int] = typer.Option(None, help="Use at most N source items (images, CSV rows or "
+                                                         "image matches)."),
+          seed: int = typer.Option(0, help="Seed of every random choice (partners, option order, STR, noise)."),
+          skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad rows, images and folders "
+                                                                  "instead of stopping.")) -> None:
+    """Make clean/corrupt pairs of a task: SMP images, STR prompts and Gaussian-noise baselines."""
+    from notice.corrupt.text import load_tokenizer
+    from notice.tasks import build_pairs
+
+    try:
+        tokenizer = load_tokenizer(model)  # STR and text-noise positions follow the model's own tokenizer
+        with _progress() as progress:
+            report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
+                                 corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
+                                 progress=progress)
+    except NoticeError as error:
+        _fail(error)
+    table = Table("corruption", "pairs", title=task)
+    for kind, count in report.pairs.items():
+        table.add_row(kind, str(count))
+    console.print(table)
+    console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
+    for reason, count in sorted(report.skipped.items()):
+        console.print(f"skipped {count}: {reason}", highlight=False)
+    if report.str_rejected_candidates:
+        console.print(f"STR rejected {report.str_rejected_candidates} contrast word(s) whose tokens did not "
+                      "align with the clean prompt", highlight=False)
+
+
+@app.command()
+def select(pairs_file: Path = typer.Argument(..., metavar="PAIRS", help="Pairs file made by `notice pairs`."),
+           out: Path = typer.Option(..., "--out", "-o", help="Selected pairs file to write (Parquet); drop counts "
+                                                             "go to <name>.selection.json beside it."),
+           model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
+           threshold: float = typer.Option(0.0, help="Margin of the flip: clean logit difference above it, "
+                                                     "corrupt below minus it."),
+           seed: int = typer.Option(0, help="Seed of the balancing draw."),
+           balance: bool = typer.Option(True, "--balance/--no-balance", help="Equal counts per category and "
+                                                                             "answer order."),
+           max_per_cell: Optional[int] = typer.Option(None, help="At most N pairs per category, answer order "
+                                                                 "and corruption."),
+           batch_size: int = typer.Option(32, help="Pairs per forward pass.")) -> None:
+    """Keep pairs the model answers right whose corruption flips the answer; balance and report drops."""
+    from notice.models import load_model
+    from notice.pairs import read_pairs
+    from notice.select import select_pairs, write_selection
+
+    try:
+        loaded = read_pairs(pairs_file)
+        adapter = load_model(model, device=device, dtype=dtype)
+        with _progress() as progress:
+            selection = select_pairs(adapter, loaded, threshold=threshold, seed=seed, balance=balance,
+                                     max_per_cell=max_per_cell, batch_size=batch_size, progress=progress)
+        _print_selection(selection.as_dict(), out)
+        written, report = write_selection(selection, out)
+    except NoticeError as error:
+        _fail(error)
+    console.print(f"wrote {written} and {report}", highlight=False, soft_wrap=True)
+
+
+def _print_selection(summary: dict, out: Path) -> None:
+    from notice.select import FILTERS
+
+    table = Table("corruption", "input", *FILTERS, "kept", title="selection")
+    for kind, row in summary["by_corruption"].items():
+        table.add_row(kind, str(row["input"]), *(str(row[f]) for f in FILTERS), str(row["kept"]))
+    console.print(table)
+    for name in FILTERS:
+        console.print(f"dropped {summary['dropped'][name]}: {name}", highlight=False, soft_wrap=True)
+    console.print(f"kept {summary['kept']} of {summary['input']} pairs", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `notice pairs` or `notice select`)."),
           model: str = ModelOption,
