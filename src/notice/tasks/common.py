@@ -160,6 +160,21 @@ def readable_image(path: Path) -> bool:
         return False
 
 
+def class_images(folder: Path, bad: "Bad") -> list[Path]:
+    """The readable images of one class folder; an empty folder or a broken image goes to `bad`."""
+    images = image_files(folder)
+    if not images:
+        bad("empty class folder", f"class folder {folder} holds no images; add images or remove the folder")
+        return []
+    good = []
+    for image in images:
+        if readable_image(image):
+            good.append(image)
+        else:
+            bad("unreadable image", f"cannot read image {image}; replace or delete the file")
+    return good
+
+
 def pair_up(classes: dict[str, list[Path]], contrasts: Callable[[str], Sequence[str]], rng: random.Random,
             report: BuildReport) -> list[tuple[str, Path, str, Path]]:
     """Match images of contrasting classes one to one, each image used at most once.

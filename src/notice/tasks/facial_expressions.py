@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from notice.errors import NoticeError
-from notice.tasks.common import Bad, BuildReport, Sample, both_directions, choice_order, image_files, pair_up
-from notice.tasks.common import readable_image, steps
+from notice.tasks.common import Bad, BuildReport, Sample, both_directions, choice_order, class_images, pair_up
+from notice.tasks.common import steps
 
 TASK = "facial-expressions"
 PROMPT = "is this person feeling {a} or {b}?"
@@ -59,17 +59,7 @@ def samples(data: Path | None, files, split: str | None, seed: int, limit: int |
             bad("unknown emotion folder", f"folder {folder}: unknown emotion {folder.name!r}; "
                 f"use one of {', '.join(sorted(set(EMOTION_ADJECTIVE)))}")
             continue
-        images = image_files(folder)
-        if not images:
-            bad("empty class folder", f"class folder {folder} holds no images; add images or remove the folder")
-            continue
-        good = []
-        for image in images:
-            if readable_image(image):
-                good.append(image)
-            else:
-                bad("unreadable image", f"cannot read image {image}; replace or delete the file")
-        classes.setdefault(adjective, []).extend(good)
+        classes.setdefault(adjective, []).extend(class_images(folder, bad))
 
     def contrast_classes(adjective: str) -> list[str]:
         return [a for a in classes if SENTIMENT[a] in OPPOSITE[SENTIMENT[adjective]]]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from notice.tasks.common import Bad, BuildReport, Sample, both_directions, choice_order, image_files, pair_up
-from notice.tasks.common import readable_image, steps
+from notice.tasks.common import Bad, BuildReport, Sample, both_directions, choice_order, class_images, pair_up
+from notice.tasks.common import steps
 
 TASK = "mit-states"
 PROMPT = "is this {noun} {a} or {b}?"
@@ -83,16 +83,7 @@ def samples(data: Path | None, files, split: str | None, seed: int, limit: int |
         if not noun or adjective not in CATEGORY_OF:
             report.skipped["folder without a categorised adjective"] += 1
             continue
-        images = image_files(folder)
-        if not images:
-            bad("empty class folder", f"class folder {folder} holds no images; add images or remove the folder")
-            continue
-        good = []
-        for image in images:
-            if readable_image(image):
-                good.append(image)
-            else:
-                bad("unreadable image", f"cannot read image {image}; replace or delete the file")
+        good = class_images(folder, bad)
         if good:
             classes[folder.name] = good
 

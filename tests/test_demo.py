@@ -1,0 +1,61 @@
+"""The main job end to end on the embedded model: config → pairs → selection → patching → report."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from notice.cli import app
+from notice.models import EMBEDDED
+from notice.pairs import read_pairs
+from notice.store import load_results
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED["easyvqa-blip"] / "model.safetensors").is_file(),
+                                reason="embedded model not trained yet")
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    config = {"model": "easyvqa-blip", "out": str(folder / "run"), "title": "small run", "seed": 0,
+              "tasks": [{"task": "easyvqa-color", "split": "test", "limit": 24, "corruptions": ["image_smp"]},
+                        {"task": "easyvqa-shape", "split": "test", "limit": 40, "corruptions": ["image_smp"]}],
+              "select": {"max_per_cell": 1},
+              "patch": {"sites": ["text.*.layer", "text.*.mlp", "text.*.cross_attn.head*"]}}
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    return folder / "run", path
+
+
+def test_run_writes_pairs_selection_results_and_report(run_folder):
+    run, _ = run_folder
+    selected = [p for f in sorted((run / "selected").glob("*.parquet")) for p in read_pairs(f)]
+    assert selected and all(p.metadata["selection"]["clean_logit_diff"] > 0 for p in selected)
+    table = load_results(run / "results")
+    assert set(table["pair_id"]) == {p.id for p in selected}
+    assert set(table["component"]) == {"layer", "mlp", "cross_attn"}
+    page = (run / "report" / "index.html").read_text()
+    for expected in ("easyvqa-color/image", "easyvqa-shape/image", "Universal heads", "What the heads do"):
+        assert expected in page
+
+
+def test_rerun_resumes_and_redoes_only_what_is_missing(run_folder):
+    run, config = run_folder
+    shards = sorted((run / "results" / "shards").glob("*.parquet"))
+    lost = shards[0]
+    lost.unlink()  # as if the run had been killed while patching this pair
+    kept_times = {p: p.stat().st_mtime_ns for p in shards[1:]}
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    assert lost.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in kept_times.items())
+
+
+def test_report_verb_rebuilds_the_report_from_a_run_folder(run_folder, tmp_path):
+    run, _ = run_folder
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    assert "What the heads do" in (tmp_path / "again" / "index.html").read_text()
