@@ -28,3 +28,16 @@ def default_blip():
     from notice.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """A tiny random-init LLaVA (CLIP tower, Llama with grouped-query attention, BPE tokenizer built here)."""
+    return helpers.save_llava(tmp_path_factory.mktemp("tiny-llava"), helpers.TINY_LLAVA)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_llava_dir):
+    from notice.models import load_model
+
+    return load_model(str(tiny_llava_dir))

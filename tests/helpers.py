@@ -102,3 +102,81 @@ def easyvqa_arch_blip(folder: Path, seed: int = 0):
     processor = build_processor(vocab, recipe.image_size, folder)
     model = build_model(recipe, len(vocab), {t: vocab.index(t) for t in ("[PAD]", "[DEC]", "[SEP]")})
     return BlipAdapter(sensitize(model.eval(), seed), processor, "easyvqa-arch")
+
+# ---------------------------------------------------------------------- LLaVA
+# llava-1.5-7b's prompt format (llava-hf/llava-1.5-7b-hf chat_template.json, simplified to one image turn)
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+TINY_LLAVA = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=4, vision_mlp=64,
+                  text_hidden=48, text_layers=3, text_heads=6, text_kv_heads=2, text_mlp=96)
+LLAVA_SENTENCES = ["what color is the shape?", "is the shape red or blue?", "is this a circle or a triangle?",
+                   "what shape is in the image?", "does the image contain a green rectangle?", "yes no gray teal",
+                   "USER: ASSISTANT: describe the picture", "there is a brown triangle and a black circle"]
+
+
+def llava_tokenizer(sentences=LLAVA_SENTENCES, vocab_size: int = 160):
+    """A small Llama-style BPE tokenizer (metaspace, <s> prepended), trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?:.,'\n")
+    backend.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                               initial_alphabet=alphabet))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def llava_processor(image_size: int, patch_size: int, tokenizer=None):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                            crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer or llava_tokenizer(),
+                          patch_size=patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+
+
+def llava_model(arch: dict, vocab_size: int, image_token_id: int, pad_token_id: int, seed: int = 0):
+    """A random-init LLaVA: CLIP vision tower, two-layer projector, Llama with grouped-query attention."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = dict(model_type="clip_vision_model", image_size=arch["image_size"], patch_size=arch["patch_size"],
+                  hidden_size=arch["vision_hidden"], num_hidden_layers=arch["vision_layers"],
+                  num_attention_heads=arch["vision_heads"], intermediate_size=arch["vision_mlp"],
+                  projection_dim=arch["vision_hidden"])
+    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=arch["text_hidden"],
+                num_hidden_layers=arch["text_layers"], num_attention_heads=arch["text_heads"],
+                num_key_value_heads=arch["text_kv_heads"], intermediate_size=arch["text_mlp"],
+                max_position_embeddings=256, pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False)
+    grid = arch["image_size"] // arch["patch_size"]
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                         image_seq_length=grid * grid, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", pad_token_id=pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random init leaves small norms: scale up so that the image matters to the answer
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+    return model
+
+
+def save_llava(folder: Path, arch: dict, seed: int = 0) -> Path:
+    """A random-init LLaVA checkpoint with its processor and chat template, written by save_pretrained."""
+    processor = llava_processor(arch["image_size"], arch["patch_size"])
+    tokenizer = processor.tokenizer
+    model = llava_model(arch, len(tokenizer), processor.image_token_id, tokenizer.pad_token_id, seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -117,11 +117,24 @@ def _print_accuracy(result: dict) -> None:
 
 
 @app.command("train-default")
-def train_default(out: Path = typer.Option(Path("src/notice/assets/easyvqa-blip"), help="Output folder."),
+def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (default: the embedded model's)."),
+                  family: str = typer.Option("blip", help="blip (the default model) or llava (the tiny LLaVA)."),
                   seed: int = typer.Option(0, help="Seed of every random choice in the recipe."),
                   threads: int = typer.Option(2, help="torch CPU threads (1 is faster on a busy machine)."),
-                  eval_each_epoch: bool = typer.Option(False, help="Report test accuracy after every epoch.")) -> None:
-    """Train the embedded default model (small BLIP on easy-VQA) and write its model card."""
+                  eval_each_epoch: bool = typer.Option(False, help="Report test accuracy after every epoch (blip).")) -> None:
+    """Train an embedded default model (small BLIP or tiny LLaVA on easy-VQA) and write its model card."""
+    from notice.models import EMBEDDED
+
+    if family not in ("blip", "llava"):
+        _fail(NoticeError(f"unknown family {family!r}: use blip or llava"))
+    out = out or EMBEDDED[f"easyvqa-{family}"]
+    if family == "llava":
+        from notice.training.card import write_llava_model_card
+        from notice.training.default_llava import LlavaRecipe, train_default_llava
+
+        summary = train_default_llava(out, LlavaRecipe(seed=seed, threads=threads), log=console.print)
+        write_llava_model_card(out, summary, log=console.print)
+        return
     from notice.training.card import write_model_card
     from notice.training.default_blip import Recipe
     from notice.training.default_blip import train_default as run

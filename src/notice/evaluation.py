@@ -17,11 +17,9 @@ def evaluate_model(model, processor, split: str = "test", seed: int = 0, limit_i
     "all" both. Every answer is one wordpiece in the embedded vocabulary, so the argmax equals
     greedy generation's answer. Each image's vision pass is shared by its questions.
     """
-    questions = easy_vqa.all_questions(split, choice_per_kind, seed=seed + 1000)
-    paths = easy_vqa.image_paths(split)
-    if limit_images is not None:
-        keep = set(sorted(paths)[:limit_images])
-        questions = [q for q in questions if q.image_id in keep]
+    if getattr(model.config, "model_type", "") == "llava":
+        return evaluate_llava(model, processor, split, seed, limit_images, choice_per_kind)
+    questions, paths = _questions(split, seed, limit_images, choice_per_kind)
     image_ids = sorted({q.image_id for q in questions})
     row_of = {image_id: i for i, image_id in enumerate(image_ids)}
     model_dtype = next(model.parameters()).dtype
@@ -53,6 +51,20 @@ def evaluate_model(model, processor, split: str = "test", seed: int = 0, limit_i
             for i, token in zip(chunk, logits.argmax(1).tolist()):
                 predicted[i] = token
 
+    return _accuracy(questions, predicted, tokenizer, split, len(image_ids), seed)
+
+
+def _questions(split: str, seed: int, limit_images: int | None, choice_per_kind: int):
+    questions = easy_vqa.all_questions(split, choice_per_kind, seed=seed + 1000)
+    paths = easy_vqa.image_paths(split)
+    if limit_images is not None:
+        keep = set(sorted(paths)[:limit_images])
+        questions = [q for q in questions if q.image_id in keep]
+    return questions, paths
+
+
+def _accuracy(questions, predicted: list[int], tokenizer, split: str, images: int, seed: int) -> dict:
+    """Per-kind accuracy of predicted first answer tokens."""
     answer_id = {a: tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in {q.answer for q in questions}}
     totals: dict[str, list[int]] = {}
     for q, token in zip(questions, predicted):
@@ -63,9 +75,36 @@ def evaluate_model(model, processor, split: str = "test", seed: int = 0, limit_i
             totals[key][0] += hit
             totals[key][1] += 1
     order = ["overall", "yes/no", "color", "shape", "choice", "all"]
-    return {"split": split, "questions": len(questions), "images": len(image_ids), "seed": seed,
+    return {"split": split, "questions": len(questions), "images": images, "seed": seed,
             "accuracy": {k: round(totals[k][0] / totals[k][1], 4) for k in order if k in totals},
             "counts": {k: totals[k][1] for k in order if k in totals}}
+
+
+@torch.no_grad()
+def evaluate_llava(model, processor, split: str = "test", seed: int = 0, limit_images: int | None = None,
+                   choice_per_kind: int = 2) -> dict:
+    """`evaluate_model` for LLaVA: the argmax of the next-token logits after the chat-template prompt,
+    each image's vision tower and projector shared by its questions."""
+    from notice.training.default_llava import answer_step_logits, image_features, prompt_ids
+
+    questions, paths = _questions(split, seed, limit_images, choice_per_kind)
+    image_ids = sorted({q.image_id for q in questions})
+    row_of = {image_id: i for i, image_id in enumerate(image_ids)}
+    dtype = next(model.parameters()).dtype
+    features = []
+    for start in range(0, len(image_ids), 128):
+        images = [load_image(paths[i]) for i in image_ids[start:start + 128]]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(dtype)
+        features.append(image_features(model, pixels))
+    features = torch.cat(features)
+    ids_of = {text: prompt_ids(processor, text) for text in {q.question for q in questions}}
+    predicted: list[int] = []
+    for start in range(0, len(questions), 256):
+        chunk = questions[start:start + 256]
+        owner = torch.tensor([row_of[q.image_id] for q in chunk])
+        logits = answer_step_logits(model, [ids_of[q.question] for q in chunk], features[owner])[:, 0]
+        predicted += logits.argmax(1).tolist()
+    return _accuracy(questions, predicted, processor.tokenizer, split, len(image_ids), seed)
 
 
 def easy_vqa_accuracy(model_name: str, split: str = "test", limit_images: int | None = None, seed: int = 0,

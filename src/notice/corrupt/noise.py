@@ -46,7 +46,7 @@ def resolve_positions(adapter, pair) -> list[int]:
     if spec["stream"] == "text":
         return list(range(adapter.token_length(pair.clean_prompt))) if positions == "all" else list(positions)
     if positions == "all":
-        return list(range(1, adapter.num_image_tokens))
+        return list(range(1, adapter.num_patches + 1))  # vision embeddings: [CLS] + patches in both families
     if positions == "object":
         from notice.corrupt.image import load_mask
 
@@ -98,6 +98,10 @@ def noise_logits(adapter, pairs: Sequence, images: Sequence, batch_size: int = 3
                 image_embeddings[row:row + 1] = noisy_embeddings(adapter, pair, image_embeddings[row:row + 1])
             else:
                 question_embeddings[row:row + 1] = noisy_embeddings(adapter, pair, question_embeddings[row:row + 1])
+        if hasattr(adapter, "logits_from_embeddings"):  # families without BLIP's encoder/decoder stages
+            for i, logits in zip(index, adapter.logits_from_embeddings(inputs, image_embeddings, question_embeddings)):
+                out[i] = logits
+            continue
         image_states = adapter.encode_image(image_embeddings=image_embeddings)
         question_states = adapter.encode_question(None, inputs.attention_mask, image_states,
                                                   question_embeddings=question_embeddings)

@@ -10,7 +10,7 @@ import torch
 from notice.errors import NoticeError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip"}
+EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip", "easyvqa-llava": ASSETS / "easyvqa-llava"}
 DEFAULT_MODEL = "easyvqa-blip"
 
 
@@ -19,7 +19,11 @@ def _adapter_class(model_type: str):
         from notice.models.blip import BlipAdapter
 
         return BlipAdapter
-    raise NoticeError(f"model type {model_type!r} is not supported: notice knows blip")
+    if model_type == "llava":
+        from notice.models.llava import LlavaAdapter
+
+        return LlavaAdapter
+    raise NoticeError(f"model type {model_type!r} is not supported: notice knows blip and llava")
 
 
 def _model_type(source: str) -> str:
@@ -40,8 +44,10 @@ def _model_type(source: str) -> str:
             "and pass the folder") from error
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32"):
-    """An adapter for an embedded model name, a local folder or a hub id (e.g. Salesforce/blip-vqa-base)."""
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               load_in_4bit: bool = False):
+    """An adapter for an embedded model name, a local folder or a hub id (e.g. Salesforce/blip-vqa-base,
+    llava-hf/llava-1.5-7b-hf); `load_in_4bit` (LLaVA only) needs the optional bitsandbytes."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars speak for long work
@@ -49,8 +55,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     if name in EMBEDDED and not Path(source).is_dir():
         raise NoticeError(f"embedded model {name!r} is missing from {source}; reinstall notice or run `notice train-default`")
     adapter_class = _adapter_class(_model_type(source))
+    extra = {}
+    if load_in_4bit:
+        if adapter_class.family != "llava":
+            raise NoticeError(f"4-bit loading is offered for LLaVA models only, not {name!r}: drop --4bit")
+        extra["load_in_4bit"] = True
     try:
-        return adapter_class.from_pretrained(source, device=device, dtype=dtype, name=name)
+        return adapter_class.from_pretrained(source, device=device, dtype=dtype, name=name, **extra)
     except NoticeError:
         raise
     except (OSError, ValueError) as error:

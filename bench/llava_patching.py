@@ -1,0 +1,183 @@
+"""LLaVA patching: the research code's way (three separate full forwards per cell) versus the
+KV-prefix engine path, on one semantic minimal pair, in one run.
+
+Sweeps: every LM layer and query head at the answer token; every image token for one layer's
+attention output. Reports time and measured FLOPs per cell, checks both ways agree, and projects a
+llava-1.5-7b head sweep from analytic FLOPs per cell.
+
+    PYTHONPATH=src python bench/llava_patching.py [--model easyvqa-llava] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from notice.models import load_model
+from notice.patching.engine import make_batches, plan
+from notice.patching.sites import Site
+from notice.tasks import easy_vqa
+
+
+def forward_with_hook(adapter, run, site: Site, edit=None) -> torch.Tensor:
+    """transformers' own forward of the whole model (logits at every position), as the research code ran it."""
+    handle = None
+    if edit is not None:
+        module, kind = adapter.hook_point(site)
+        if kind == "input":
+            handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
+        else:
+            handle = module.register_forward_hook(lambda m, args, out: edit(out))
+    try:
+        with torch.no_grad():
+            return adapter.model(input_ids=run.inputs.input_ids, pixel_values=run.inputs.pixel_values).logits[:, -1]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def research_cell(adapter, clean, corrupt, site: Site, inputs=None) -> torch.Tensor:
+    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward;
+    with `inputs` (images, question) the processor also prepares both inputs per cell, as it did."""
+    if inputs is not None:
+        images, question = inputs
+        clean = type(clean)(adapter.prepare([images[0]], [question]))
+        corrupt = type(corrupt)(adapter.prepare([images[1]], [question]))
+    kept = {}
+    columns = adapter.site_columns(site) or slice(None)
+    p = int(site.position)
+
+    def grab(t):
+        kept["v"] = t[:, p, columns].clone()
+        return t
+
+    def patch(t):
+        t = t.clone()
+        t[:, p, columns] = kept["v"]
+        return t
+
+    forward_with_hook(adapter, clean, site, grab)
+    forward_with_hook(adapter, corrupt, site)  # the research code reruns the corrupt input for its baseline each cell
+    return forward_with_hook(adapter, corrupt, site, patch)[0]
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def llava_7b_flops(text_tokens: int = 30) -> dict:
+    """Analytic matmul FLOPs of llava-1.5-7b (CLIP ViT-L/14-336 to layer 23, Vicuna-7B, 576 image
+    tokens): a full forward, and a head patch at the answer token rerun from layer l+1 (mean over l)."""
+    d, ff, layers, vocab, kv = 4096, 11008, 32, 32064, 4096
+    vd, vff, vlayers, vtokens = 1024, 4096, 23, 577
+    tokens = 576 + text_tokens
+    per_token_layer = 2 * (d * d * 2 + d * kv * 2 + 3 * d * ff)  # q, o, k, v projections and the gated MLP
+    vision = vlayers * (vtokens * 2 * (4 * vd * vd + 2 * vd * vff) + 4 * vtokens * vtokens * vd)
+    projector = 576 * 2 * (vd * d + d * d)
+    logits = 2 * d * vocab  # the last position only
+    lm = layers * (tokens * per_token_layer + 2 * tokens * tokens * d) + logits  # causal: half the score matrix
+    full = vision + projector + lm
+    patched_row = 2 * (d * d + 3 * d * ff)  # o_proj and MLP of the patched position in the patched layer
+    rerun = [patched_row + (layers - l - 1) * (per_token_layer + 4 * tokens * d) + logits for l in range(layers)]
+    return {"tokens": tokens, "full_forward": full, "research_cell": 3 * full,
+            "engine_cell_answer_head": statistics.mean(rerun)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="easyvqa-llava")
+    parser.add_argument("--repeats", type=int, default=3, help="engine timings repeated; the median is kept")
+    parser.add_argument("--research-cells", type=int, default=12, help="research-way cells timed per sweep")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    adapter = load_model(args.model)
+    labels = easy_vqa.image_labels("test")
+    first = labels[sorted(labels)[0]]
+    other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
+    from notice.io import load_image
+
+    question = "what color is the shape?"
+    pictures = (load_image(first.path), load_image(other.path))
+    clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
+    ids = clean.inputs.input_ids[0]
+    answer, image = adapter.answer_position(ids), adapter.image_positions(ids)
+    lm = adapter.streams["lm"]
+    mid = lm.layers // 2
+    sweeps = {
+        "head sweep @ answer token": [Site("lm", l, "self_attn", h, answer) for l in range(lm.layers)
+                                      for h in range(lm.heads)],
+        f"image-token sweep, lm.{mid}.self_attn": [Site("lm", mid, "self_attn", None, p) for p in image],
+    }
+
+    started = time.perf_counter()
+    receiving, source = adapter.trace(corrupt), adapter.trace(clean)
+    trace_seconds = time.perf_counter() - started
+    full_flops = flops(lambda: forward_with_hook(adapter, corrupt, None))
+    report = {"model": args.model, "tokens": int(ids.shape[0]), "image_tokens": len(image),
+              "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
+              "full_forward_flops": full_flops, "sweeps": {}}
+    for name, sites in sweeps.items():
+        groups = plan(sites, list(adapter.streams))  # the engine's own grouping and batches
+        batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
+        order = [i for group in groups for i in group.cells]
+
+        def engine() -> torch.Tensor:
+            out = torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])
+            return out[torch.argsort(torch.tensor(order))]  # back to site order
+
+        engine()  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fast = engine()
+            times.append(time.perf_counter() - t)
+        engine_cell = statistics.median(times) / len(sites)
+        engine_flops = flops(engine) / len(sites)
+
+        step = max(1, len(sites) // args.research_cells)
+        chosen = list(range(0, len(sites), step))[:args.research_cells]
+        research_times, processor_times, errors = [], [], []
+        for i in chosen:
+            t = time.perf_counter()
+            slow = research_cell(adapter, clean, corrupt, sites[i])
+            research_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            research_cell(adapter, clean, corrupt, sites[i], inputs=(pictures, question))
+            processor_times.append(time.perf_counter() - t)
+            errors.append(float((slow - fast[i]).abs().max()))
+        research_cell_seconds = statistics.median(research_times)
+        with_processor = statistics.median(processor_times)
+        research_flops = 3 * full_flops
+        report["sweeps"][name] = {
+            "cells": len(sites), "research_cells_timed": len(chosen),
+            "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
+            "engine_seconds_per_cell_with_traces": engine_cell + trace_seconds / len(sites),
+            "time_ratio": research_cell_seconds / engine_cell,
+            "research_seconds_per_cell_with_processor": with_processor,
+            "time_ratio_research_with_processor": with_processor / engine_cell,
+            "time_ratio_with_traces": research_cell_seconds / (engine_cell + trace_seconds / len(sites)),
+            "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
+            "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
+            "max_abs_patch_effect": float((fast - receiving.logits).abs().max())}
+
+    big = llava_7b_flops(text_tokens=int(ids.shape[0]) - len(image))
+    ratio = big["research_cell"] / big["engine_cell_answer_head"]
+    report["llava-1.5-7b projection"] = {
+        **big, "flops_ratio": ratio,
+        "reference_hours_per_head_index_a100": 6.0,
+        "projected_minutes_per_head_index_same_throughput": 6.0 * 60 / ratio}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

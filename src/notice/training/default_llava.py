@@ -1,0 +1,233 @@
+"""The recipe of the embedded tiny LLaVA: a LLaVA-architecture model trained on easy-VQA.
+
+transformers' `LlavaForConditionalGeneration` at toy size: a CLIP vision tower (64 px images,
+16 px patches, so 16 image tokens), the two-layer projector and a Llama decoder with grouped-query
+attention; a BPE tokenizer built from the questions; llava-1.5's chat template. Two seeded stages:
+  1. the vision tower learns colour and shape as image classification with per-patch targets,
+     exactly the BLIP default's stage 1 (`default_blip.train_stage1`);
+  2. the whole model learns to answer easy-VQA plus two-way choice questions as the next token
+     after the prompt (then </s>), each image's vision pass shared by its questions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from notice.tasks import easy_vqa
+from notice.training.default_blip import _cosine, augment, load_pixels, patch_labels, train_stage1
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# llava-1.5's prompt format with a space for its newline (one vocabulary entry fewer per word)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image> {% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+@dataclass
+class LlavaRecipe:
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 16
+    hidden: int = 128  # vision width (the name stage 1 reads)
+    vision_layers: int = 4
+    heads: int = 4  # vision heads
+    mlp: int = 512
+    lm_hidden: int = 128
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_kv_heads: int = 2
+    lm_mlp: int = 384
+    vocab_size: int = 400
+    choice_per_kind: int = 2
+    stage1_epochs: int = 12
+    stage1_batch: int = 32
+    stage1_lr: float = 2e-3
+    stage2_epochs: int = 6
+    images_per_step: int = 32
+    questions_per_image: int = 6
+    stage2_lr: float = 1e-3
+    weight_decay: float = 0.01
+    threads: int = 2
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A Llama-style BPE tokenizer (metaspace, <s> prepended) whose merges make every easy-VQA word one
+    token; single letters keep any other word spellable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?:.,'-!")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet)
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+                                   model_max_length=64)
+
+
+def build_processor(recipe: LlavaRecipe, texts: list[str]):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": recipe.image_size},
+                                            crop_size={"height": recipe.image_size, "width": recipe.image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(texts, recipe.vocab_size),
+                          patch_size=recipe.patch_size, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+
+
+def build_model(recipe: LlavaRecipe, tokenizer):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = dict(model_type="clip_vision_model", image_size=recipe.image_size, patch_size=recipe.patch_size,
+                  hidden_size=recipe.hidden, intermediate_size=recipe.mlp, num_hidden_layers=recipe.vision_layers,
+                  num_attention_heads=recipe.heads, projection_dim=recipe.hidden)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=recipe.lm_hidden,
+                intermediate_size=recipe.lm_mlp, num_hidden_layers=recipe.lm_layers,
+                num_attention_heads=recipe.lm_heads, num_key_value_heads=recipe.lm_kv_heads,
+                max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    grid = recipe.image_size // recipe.patch_size
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                         image_seq_length=grid * grid, vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(recipe.seed)
+    return LlavaForConditionalGeneration(config)
+
+
+def prompt_ids(processor, question: str) -> list[int]:
+    """The full prompt's ids, <image> expanded to one token per image feature."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    image = processor.image_token * (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
+    return processor.tokenizer(text.replace(processor.image_token, image))["input_ids"]
+
+
+def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] → projected image features [B, I, D] as LlavaForConditionalGeneration computes them."""
+    states = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    return model.model.multi_modal_projector(states[model.config.vision_feature_layer][:, 1:])
+
+
+def answer_step_logits(model, ids: list[list[int]], features: torch.Tensor, extra: int = 0) -> torch.Tensor:
+    """Logits [N, 1 + extra, V] at each prompt's last position (and `extra` positions after it).
+
+    Prompts are right-padded: a causal model never looks right, so padding changes nothing that is read."""
+    pad = model.config.text_config.pad_token_id
+    length = max(len(row) for row in ids)
+    input_ids = torch.tensor([row + [pad] * (length - len(row)) for row in ids])
+    embeds = model.model.language_model.embed_tokens(input_ids)
+    mask = (input_ids == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    last = torch.tensor([len(row) - 1 - extra for row in ids])
+    rows = last[:, None] + torch.arange(1 + extra)[None]  # [N, 1 + extra]
+    picked = hidden[torch.arange(len(ids))[:, None], rows]
+    return model.lm_head(picked)
+
+
+def train_stage2(model, recipe: LlavaRecipe, processor, pixels: torch.Tensor, image_index: dict[int, int],
+                 questions_by_image: dict[int, list[easy_vqa.Question]], log) -> None:
+    tokenizer = processor.tokenizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    rng = random.Random(recipe.seed + 3)
+    ids_of: dict[str, list[int]] = {}
+    answer_of: dict[str, int] = {}
+    image_ids = sorted(questions_by_image)
+    steps_per_epoch = math.ceil(len(image_ids) / recipe.images_per_step)
+    total = recipe.stage2_epochs * steps_per_epoch
+    eos = tokenizer.eos_token_id
+    step = 0
+    for epoch in range(recipe.stage2_epochs):
+        rng.shuffle(image_ids)
+        seen = correct = 0
+        started = time.time()
+        for start in range(0, len(image_ids), recipe.images_per_step):
+            batch_images = image_ids[start:start + recipe.images_per_step]
+            owner, rows, answers = [], [], []
+            for slot, image_id in enumerate(batch_images):
+                pool = questions_by_image[image_id]
+                for q in rng.sample(pool, min(recipe.questions_per_image, len(pool))):
+                    if q.question not in ids_of:
+                        ids_of[q.question] = prompt_ids(processor, q.question)
+                    if q.answer not in answer_of:
+                        answer_of[q.answer] = tokenizer(q.answer, add_special_tokens=False)["input_ids"][0]
+                    owner.append(slot)
+                    rows.append(ids_of[q.question] + [answer_of[q.answer]])  # teacher-forced answer, then </s>
+                    answers.append(answer_of[q.answer])
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.stage2_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
+            features = image_features(model, augment(pixels[[image_index[i] for i in batch_images]], generator))
+            logits = answer_step_logits(model, rows, features[torch.tensor(owner)], extra=1)  # [N, 2, V]
+            target = torch.tensor(answers)
+            loss = F.cross_entropy(logits[:, 0], target) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(target, eos))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            seen += len(target)
+            correct += int((logits[:, 0].argmax(1) == target).sum())
+            step += 1
+        log(f"stage 2 epoch {epoch + 1}/{recipe.stage2_epochs}: loss {loss.item():.3f}, train accuracy "
+            f"{correct / seen:.3f}, {time.time() - started:.0f} s")
+
+
+def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=print) -> dict:
+    """Train the embedded tiny LLaVA from easy-VQA and save it (with its processor) to `out_dir`."""
+    recipe = recipe or LlavaRecipe()
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    started = time.time()
+    out_dir = Path(out_dir)
+
+    train_questions = easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+    everything = train_questions + list(easy_vqa.load_questions("test"))
+    texts = [f"USER: {q.question} ASSISTANT: {q.answer}" for q in everything]
+    processor = build_processor(recipe, sorted(set(texts)))
+    model = build_model(recipe, processor.tokenizer)
+    model.train()
+
+    paths = easy_vqa.image_paths("train")
+    image_ids = sorted(paths)
+    image_index = {image_id: i for i, image_id in enumerate(image_ids)}
+    ip = processor.image_processor
+    pixels = load_pixels([paths[i] for i in image_ids], ip.image_mean, ip.image_std)
+    labels = easy_vqa.image_labels("train")
+    labelled = [i for i in image_ids if i in labels]
+    colors = torch.tensor([easy_vqa.COLORS.index(labels[i].color) for i in labelled])
+    shapes = torch.tensor([easy_vqa.SHAPES.index(labels[i].shape) for i in labelled])
+    log(f"easy-VQA train: {len(image_ids)} images ({len(labelled)} labelled), {len(train_questions)} questions, "
+        f"vocabulary {len(processor.tokenizer)}")
+
+    patches = patch_labels([labels[i].path for i in labelled], [labels[i].color for i in labelled], shapes,
+                           recipe.patch_size)
+    # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
+    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe,
+                 pixels[[image_index[i] for i in labelled]], colors, shapes, patches, log)
+
+    questions_by_image: dict[int, list[easy_vqa.Question]] = {}
+    for q in train_questions:
+        questions_by_image.setdefault(q.image_id, []).append(q)
+    train_stage2(model, recipe, processor, pixels, image_index, questions_by_image, log)
+    model.eval()
+    minutes = (time.time() - started) / 60
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    log(f"trained in {minutes:.1f} min; saved to {out_dir}")
+    return {"recipe": asdict(recipe), "train_minutes": round(minutes, 1), "vocab_size": len(processor.tokenizer)}
