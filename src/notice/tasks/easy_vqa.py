@@ -199,27 +199,6 @@ def choice_questions(labels: dict[int, ImageLabel], per_kind: int, seed: int) ->
     return out
 
 
-# easy-VQA's own colour yes/no templates; True where the question is negated
-COLOR_YES_NO = (("is there a {c} shape?", False), ("is there a {c} shape in the image?", False),
-                ("does the image contain a {c} shape?", False), ("is a {c} shape present?", False),
-                ("is there not a {c} shape?", True), ("is there not a {c} shape in the image?", True),
-                ("does the image not contain a {c} shape?", True), ("is no {c} shape present?", True))
-
-
-def present_color_questions(labels: dict[int, ImageLabel], per_image: int, seed: int) -> list[Question]:
-    """easy-VQA colour yes/no questions about the colour the image does show.
-
-    easy-VQA asks about a random one of eight colours, so the shown colour is asked about
-    about one time in eight; a model trained on it alone learns to deny every colour."""
-    rng = random.Random(seed)
-    out = []
-    for image_id in sorted(labels):
-        for template, negated in rng.sample(COLOR_YES_NO, per_image):
-            answer = "no" if negated else "yes"
-            out.append(Question(template.format(c=labels[image_id].color), answer, image_id, "yes/no"))
-    return out
-
-
 def all_questions(split: str, choice_per_kind: int, seed: int) -> list[Question]:
     """easy-VQA's questions plus seeded two-way choice questions for every labelled image."""
     return list(load_questions(split)) + choice_questions(image_labels(split), choice_per_kind, seed)

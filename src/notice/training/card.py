@@ -62,9 +62,7 @@ minutes; it is not a general VQA model.
    mean patch state (colour, shape) and on every patch (background or the shape covering it),
    discarded afterwards. Per-patch targets teach a from-scratch ViT shapes far sooner.
 2. The whole model learns to answer easy-VQA's training questions plus two two-way choice
-   questions of each kind per image (answer order random) and two of easy-VQA's colour yes/no
-   questions about the colour the image shows: easy-VQA asks about a random one of eight
-   colours, and a first model trained without these answered "no" to every present colour.
+   questions of each kind per image, the answer order random.
 Images are augmented with horizontal flips (easy-VQA's triangles always point up). AdamW, cosine schedule with warm-up.
 Trained in {card['train_minutes']} minutes on a 2-core CPU.
 

@@ -6,9 +6,8 @@ Two stages, both seeded:
      slow part of easy-VQA for a ViT trained from scratch, per-patch targets (background
      or the shape covering the patch) teach them several times faster, and this stage is cheap;
   2. the whole model learns to answer easy-VQA's questions plus two-way choice
-     questions ("is the shape red or blue?") and yes/no questions about the colour
-     the image shows (easy-VQA asks those rarely, and a model trained without them
-     denies every colour), with each image's vision pass shared by its questions.
+     questions ("is the shape red or blue?"), with each image's vision pass shared
+     by its questions.
 Images are augmented by horizontal flips, which keep colour and shape.
 """
 
@@ -43,7 +42,6 @@ class Recipe:
     heads: int = 4
     mlp: int = 512
     choice_per_kind: int = 2  # two-way colour and shape questions per image
-    present_color_per_image: int = 2  # yes/no questions about the shown colour, per image
     stage1_epochs: int = 12
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
@@ -232,8 +230,6 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
     out_dir = Path(out_dir)
 
     train_questions = easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
-    train_questions += easy_vqa.present_color_questions(easy_vqa.image_labels("train"),
-                                                        recipe.present_color_per_image, seed=recipe.seed)
     vocab = build_vocab(train_questions + list(easy_vqa.load_questions("test")))
     processor = build_processor(vocab, recipe.image_size, out_dir)
     tokenizer = processor.tokenizer
