@@ -317,13 +317,12 @@ def report(results: Path = typer.Argument(..., help="A run folder of `notice run
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder."),
-         model: str = ModelOption) -> None:
-    """The main job on the embedded model: pairs, selection, exact patching, analysis, report."""
-    from notice.pipeline import demo_config, run_pipeline
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder.")) -> None:
+    """The main job on both embedded models: pairs, selection, exact patching, analysis, one report."""
+    from notice.pipeline import run_demo
 
     try:
-        page = run_pipeline(demo_config(out, model), console)
+        page = run_demo(out, console)
     except NoticeError as error:
         _fail(error)
     console.print(f"report: {page.resolve()}")

@@ -107,23 +107,48 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
     return RunConfig(out=Path(target), tasks=specs, **flat)
 
 
-def demo_config(out: str | Path, model: str = DEFAULT_MODEL) -> RunConfig:
-    """The main job on the embedded model: easy-VQA colour and shape, SMP and STR pairs, every
-    text-encoder module and cross-attention head at every question token."""
+LLAVA_SITES = ("lm.*.layer", "lm.*.self_attn", "lm.*.mlp", "lm.*.self_attn.head*")
+
+
+def demo_configs(out: str | Path) -> list[RunConfig]:
+    """The main job on both embedded models: easy-VQA colour and shape, SMP and STR pairs, every
+    text-encoder module and cross-attention head of BLIP and every language-model module and
+    self-attention head of LLaVA, at every position."""
+    out = Path(out)
     tasks = [TaskSpec("easyvqa-color", split="test", limit=120), TaskSpec("easyvqa-shape", split="test", limit=160)]
-    return RunConfig(out=Path(out), tasks=tasks, model=model, title="notice demo: easy-VQA on the embedded BLIP",
-                     max_per_cell=1)
+    return [RunConfig(out=out / "blip", tasks=tasks, model="easyvqa-blip", max_per_cell=1),
+            RunConfig(out=out / "llava", tasks=tasks, model="easyvqa-llava", max_per_cell=1, sites=LLAVA_SITES)]
 
 
 def run_pipeline(config: RunConfig, console) -> Path:
     """Run every step of `config`, skipping finished ones; returns the report's index.html."""
+    from notice.report.build import make_report
+
+    results = run_steps(config, console)
+    return make_report([results], config.out / "report", config.title, min_conditions=config.min_conditions,
+                       top_k=config.top_k, seed=config.seed)
+
+
+def run_demo(out: str | Path, console) -> Path:
+    """Both embedded models through every step, then one report that compares them."""
+    from notice.report.build import make_report
+
+    configs = demo_configs(out)
+    results = [run_steps(config, console) for config in configs]
+    return make_report(results, Path(out) / "report", "notice demo: easy-VQA on the embedded BLIP and LLaVA",
+                       seed=configs[0].seed)
+
+
+def run_steps(config: RunConfig, console):
+    """Pairs, selection and patching for one model; returns what its report needs."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     from notice.models import load_model
     from notice.pairs import read_pairs
-    from notice.report.build import selection_row
+    from notice.report.build import ModelResults, selection_row
     from notice.select import select_pairs, selection_report_path, write_selection
+    from notice.store import load_results
     from notice.tasks import build_pairs
 
     out = config.out
@@ -145,13 +170,12 @@ def run_pipeline(config: RunConfig, console) -> Path:
                                          seed=config.seed, balance=config.balance,
                                          max_per_cell=config.max_per_cell, progress=progress)
                 write_selection(selection, kept_file)
-            report = json.loads(selection_report_path(kept_file).read_text())
-            selection_reports[spec.task] = selection_row(report)
+            selection_reports[spec.task] = selection_row(json.loads(selection_report_path(kept_file).read_text()))
             selected += read_pairs(kept_file)
-        console.print(f"selected {len(selected)} pairs: "
-                      + ", ".join(f"{task} {s['kept']}" for task, s in selection_reports.items()))
+        console.print(f"{config.model}: selected {len(selected)} pairs ("
+                      + ", ".join(f"{task} {s['kept']}" for task, s in selection_reports.items()) + ")")
         results = patch_all(adapter, selected, config, progress)
-    return build_report(results, out / "report", config, adapter, selected, selection_reports)
+    return ModelResults(config.model, load_results(results), adapter, selected, selection_reports)
 
 
 def patch_all(adapter, pairs, config: RunConfig, progress) -> Path:
@@ -165,15 +189,6 @@ def patch_all(adapter, pairs, config: RunConfig, progress) -> Path:
                 progress=lambda cells, skipped=False: progress.update(bar, advance=cells), model_name=config.model,
                 dtype=config.dtype)
     return folder
-
-
-def build_report(results: Path, out: Path, config: RunConfig, adapter, pairs, selection: dict[str, dict]) -> Path:
-    from notice.report.build import make_report
-    from notice.store import load_results
-
-    return make_report(load_results(results), out, config.title, config.model, adapter=adapter, pairs=pairs,
-                       selection=selection, min_conditions=config.min_conditions, top_k=config.top_k,
-                       seed=config.seed)
 
 
 def _as_json(config: RunConfig) -> dict:

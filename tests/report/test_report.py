@@ -12,7 +12,7 @@ from PIL import Image
 
 import helpers
 from notice.pairs import Pair
-from notice.report.build import make_report
+from notice.report.build import ModelResults, make_report
 from results_fixtures import synthetic_table
 
 
@@ -25,7 +25,7 @@ def _pairs_with_masks(folder: Path, count: int = 2) -> list[Pair]:
         mask = (np.asarray(image)[..., 1] < 100).astype(np.uint8) * 255  # the red shape
         Image.fromarray(mask).save(mask_path)
         pairs.append(Pair(f"p{i}", "color", "image_smp", str(image_path), str(image_path), "is the shape red or blue?",
-                          "is the shape red or blue?", "red", "blue", {"mask": str(mask_path)}))
+                          "is the shape red or blue?", "red", "blue", {"clean_mask": str(mask_path)}))
     return pairs
 
 
@@ -34,8 +34,8 @@ def report_dir(tmp_path_factory, tiny_blip):
     folder = tmp_path_factory.mktemp("report")
     table = synthetic_table({"color/image": [(1, 1)], "color/text": [(1, 1), (0, 2)]}, layers=2, heads=4)
     pairs = _pairs_with_masks(folder)
-    make_report(table, folder / "out", "test report", "tiny", adapter=tiny_blip, pairs=pairs,
-                selection={"pairs.parquet": {"kept": 2, "dropped_wrong_clean": 3}})
+    make_report([ModelResults("tiny", table, tiny_blip, pairs, {"pairs.parquet": {"kept": 2, "dropped: clean_wrong": 3}})],
+                folder / "out", "test report")
     return folder / "out"
 
 

@@ -1,6 +1,7 @@
 """What heads do, measured from their cross-attention to the image patches.
 
-For a query token of the prompt (the answer word by default), each head's attention over the
+For the adapter's query token (BLIP: the answer word in the question; LLaVA: the last prompt
+token, where the answer is read out), each head's attention over the
 image patches is compared with the object's mask and with the average head:
 - implicit segmentation: attention mass inside the mask, and IoU of the top-attended patches
   (as many as the mask covers) with the mask;
@@ -42,14 +43,7 @@ def patch_mask(mask_image: Image.Image, grid: tuple[int, int], min_coverage: flo
     return (coverage >= min_coverage).astype(np.float64)
 
 
-def query_position(tokens: Sequence[str], answer_tokens: Sequence[str]) -> int:
-    """Where the answer's first wordpiece sits in the prompt, else the last word before [SEP]."""
-    for i, token in enumerate(tokens):
-        if answer_tokens and token == answer_tokens[0]:
-            return i
-    return max(0, len(tokens) - 3)  # [CLS] ... word ? [SEP]
-
-
+@torch.no_grad()
 def collect(adapter, pairs: Sequence[Pair], outlier_sigmas: float = 2.0) -> list[AttentionSample]:
     """Run each pair's clean input once and keep the query token's attention over the patches."""
     rows, cols, _ = adapter.patch_grid
@@ -57,13 +51,11 @@ def collect(adapter, pairs: Sequence[Pair], outlier_sigmas: float = 2.0) -> list
     for pair in pairs:
         image = load_image(pair.clean_image)
         maps, image_states = adapter.cross_attention([image], [pair.clean_prompt])
-        tokens = adapter.tokenize(pair.clean_prompt)
-        answer = adapter.tokenizer.convert_ids_to_tokens(adapter.answer_token_ids(pair.correct))
-        query = query_position(tokens, answer)
+        query = adapter.attention_query(pair.clean_prompt, pair.correct)
         attention = maps[0, :, :, query, 1:].numpy()  # drop the image [CLS] token: patches only
         norms = image_states[0, 1:].norm(dim=-1).numpy()
         outliers = norms > norms.mean() + outlier_sigmas * norms.std()
-        mask_path = pair.metadata.get("mask")
+        mask_path = pair.metadata.get("clean_mask")
         mask = patch_mask(Image.open(mask_path), (rows, cols)) if mask_path and Path(mask_path).is_file() else None
         samples.append(AttentionSample(pair.id, image, attention, mask, outliers, (rows, cols)))
     return samples

@@ -238,6 +238,13 @@ class BlipAdapter:
                 hook.remove()
         return torch.stack(maps, dim=1).float(), image_states.float()
 
+    def attention_query(self, question: str, answer: str) -> int:
+        """The position whose cross-attention head-function analysis reads: the answer's first
+        wordpiece in the question (an option of a two-way prompt), else the last word."""
+        tokens = self.tokenize(question)
+        first = self.tokenizer.convert_ids_to_tokens(self.answer_token_ids(answer))[0]
+        return tokens.index(first) if first in tokens else max(0, len(tokens) - 3)  # [CLS] ... word ? [SEP]
+
     @property
     def patch_grid(self) -> tuple[int, int, int]:
         """(rows, columns, pixels per patch side) of the vision encoder's patches."""

@@ -304,6 +304,11 @@ class LlavaAdapter:
         return answers
 
     @torch.no_grad()
+    def attention_query(self, question: str, answer: str) -> int:
+        """The position whose attention head-function analysis reads: the last prompt token,
+        whose output is the answer's first token."""
+        return self.token_length(question) - 1
+
     def cross_attention(self, images: Sequence[Image.Image], questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-attention of every prompt position to the image, in BLIP's cross-attention layout for
         head-function analysis: [B, layers, heads, T, 1+I] (column 0: all attention to non-image

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -44,7 +45,8 @@ def _slug(text: str) -> str:
 
 
 def condition_section(condition: str, rows: pd.DataFrame, ranked: pd.DataFrame | None, out_dir: Path,
-                      stream: str, top_k: int) -> Section:
+                      focus: tuple[str, str], top_k: int, prefix: str = "") -> Section:
+    stream, head_component = focus
     parts = []
     figures = []
     for component in [c for c in COMPONENT_TITLES if c in set(rows.loc[rows["stream"] == stream, "component"])]:
@@ -52,57 +54,111 @@ def condition_section(condition: str, rows: pd.DataFrame, ranked: pd.DataFrame |
         if views["mean"].empty:
             continue
         labels = position_labels(rows, list(views["mean"].columns))
-        title = f"{condition}: {stream} {COMPONENT_TITLES[component]}"
-        stem = out_dir / "figures" / f"{_slug(condition)}-{stream}-{component}"
+        title = f"{prefix}{condition}: {stream} {COMPONENT_TITLES[component]}"
+        stem = out_dir / "figures" / f"{_slug(prefix + condition)}-{stream}-{component}"
         heatmap(views["mean"], title, "token", labels, stem)
         figures.append(figure_html(f"figures/{stem.name}.png", title + " (PNG; PDF beside it)"))
-        parts.append(interactive_heatmap(views, title, "token", labels, f"{_slug(condition)}-{component}"))
-    effects = head_effects(rows, stream, "cross_attn")
+        parts.append(interactive_heatmap(views, title, "token", labels, f"{_slug(prefix + condition)}-{component}"))
+    effects = head_effects(rows, stream, head_component)
     if not effects.empty:
         views = head_heatmap(effects)
-        title = f"{condition}: {stream} cross-attention heads"
-        stem = out_dir / "figures" / f"{_slug(condition)}-{stream}-heads"
+        title = f"{prefix}{condition}: {stream} {COMPONENT_TITLES[head_component]} heads"
+        stem = out_dir / "figures" / f"{_slug(prefix + condition)}-{stream}-heads"
         heads = [str(h) for h in views["mean"].columns]
         heatmap(views["mean"], title, "head", heads, stem)
         figures.append(figure_html(f"figures/{stem.name}.png", title + " (PNG; PDF beside it)"))
-        parts.append(interactive_heatmap(views, title, "head", heads, f"{_slug(condition)}-heads"))
+        parts.append(interactive_heatmap(views, title, "head", heads, f"{_slug(prefix + condition)}-heads"))
     body = f'<div class="figures">{"".join(figures)}</div>' + "".join(parts)
     if ranked is not None:
         shown = ranked.head(top_k).assign(head=lambda f: [head_name(l, h) for l, h in zip(f["layer"], f["head"])])
         shown = shown[["rank", "head", "mean_abs_effect", "ci_low", "ci_high", "mean_effect", "samples", "important"]]
         body += (f'<p class="note">Heads ranked by mean |normalized effect| over samples, 95% bootstrap interval; '
                  f"important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>" + table_html(shown))
-    return Section(condition, body)
+    return Section(prefix + condition, body)
 
 
-def make_report(table: pd.DataFrame, out_dir: Path, title: str, model_name: str, adapter=None,
-                pairs: Sequence[Pair] = (), selection: dict[str, dict] | None = None, stream: str = "text",
-                min_conditions: int | None = None, top_k: int = 10, overlays_per_head: int = 2,
-                seed: int = 0) -> Path:
-    """Write the report to `out_dir`; head functions need the adapter and the pairs' images."""
+# Where each family's heads meet the image: BLIP's text encoder cross-attends it, LLaVA's
+# language model self-attends the image tokens.
+HEAD_FOCUS = (("text", "cross_attn"), ("lm", "self_attn"))
+
+
+def focus_of(table: pd.DataFrame) -> tuple[str, str]:
+    """The (stream, attention component) whose heads a table's analysis centres on."""
+    heads = table[table["head"].notna()]
+    present = set(zip(heads["stream"], heads["component"]))
+    for focus in HEAD_FOCUS:
+        if focus in present:
+            return focus
+    return sorted(present)[0] if present else HEAD_FOCUS[0]
+
+
+@dataclass
+class ModelResults:
+    """One model's part of a report: its results table and, for head functions, adapter and pairs."""
+
+    name: str
+    table: pd.DataFrame
+    adapter: Any = None
+    pairs: Sequence[Pair] = ()
+    selection: dict[str, dict] = field(default_factory=dict)
+
+
+def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
+                top_k: int = 10, overlays_per_head: int = 2, seed: int = 0) -> Path:
+    """Write the report of one or several models to `out_dir`; with several, a comparison of
+    their heads follows their own sections."""
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    rankings = rank_by_condition(table, stream, "cross_attn", top_k=top_k, seed=seed)
-    sections = [overview_section(table, selection or {})]
-    for (task, modality), rows in table.groupby(["task", "modality"], sort=True):
-        condition = f"{task}/{modality}"
-        sections.append(condition_section(condition, rows, rankings.get(condition), out_dir, stream, top_k))
-    universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame()
-    k = len(rankings) if min_conditions is None else min_conditions
-    sections.append(Section("Universal heads", (
-        f'<p class="note">Heads important (mean + 2σ) in at least {k} of {len(rankings)} conditions, '
-        "computed from the results table.</p>"
-        + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
-        + _top_k_universal(rankings, min_conditions))))
-    if adapter is not None and pairs:
-        focus = _focus_heads(universal, rankings)
-        sections.append(head_function_section(adapter, pairs, focus, out_dir, overlays_per_head))
-    summary = {"model": model_name, "rows in the results table": f"{len(table):,}",
-               "samples": str(table["pair_id"].nunique()), "conditions": ", ".join(rankings) or "none"}
+    sections, universals = [], {}
+    for model in models:
+        prefix = f"{model.name}: " if len(models) > 1 else ""
+        focus = focus_of(model.table)
+        rankings = rank_by_condition(model.table, *focus, top_k=top_k, seed=seed)
+        sections.append(overview_section(model.table, model.selection, prefix))
+        for (task, modality), rows in model.table.groupby(["task", "modality"], sort=True):
+            condition = f"{task}/{modality}"
+            sections.append(condition_section(condition, rows, rankings.get(condition), out_dir, focus, top_k,
+                                              prefix))
+        universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame()
+        universals[model.name] = (focus, rankings, universal)
+        k = len(rankings) if min_conditions is None else min_conditions
+        sections.append(Section(f"{prefix}Universal heads", (
+            f'<p class="note">{COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important (mean + 2σ) '
+            f"in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
+            + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
+            + _top_k_universal(rankings, min_conditions))))
+        if model.adapter is not None and model.pairs:
+            heads = _focus_heads(universal, rankings)
+            sections.append(head_function_section(model.adapter, model.pairs, heads, out_dir, overlays_per_head,
+                                                  prefix))
+    if len(models) > 1:
+        sections.append(comparison_section(universals, top_k=5))
+    summary = {"models": ", ".join(m.name for m in models),
+               "rows in the results tables": f"{sum(len(m.table) for m in models):,}",
+               "samples": ", ".join(f"{m.name} {m.table['pair_id'].nunique()}" for m in models)}
     return write_report(Report(title, summary, sections), out_dir)
 
 
-def overview_section(table: pd.DataFrame, selection: dict[str, dict]) -> Section:
+def comparison_section(universals: dict[str, tuple], top_k: int) -> Section:
+    """Each model's strongest heads per condition side by side, and how many are universal."""
+    rows = []
+    for name, (focus, rankings, universal) in universals.items():
+        for condition, ranked in rankings.items():
+            top = ranked.head(top_k)
+            rows.append({"model": name, "heads": f"{focus[0]} {COMPONENT_TITLES[focus[1]]}", "condition": condition,
+                         "important": int(ranked["important"].sum()), "of": len(ranked),
+                         f"top {top_k} (mean |effect|)": ", ".join(
+                             f"{head_name(r.layer, r.head)} ({r.mean_abs_effect:.2f})" for r in top.itertuples())})
+    counts = pd.DataFrame([{"model": name, "universal heads": len(universal),
+                            "which": ", ".join(universal["head"]) if len(universal) else "–"}
+                           for name, (_, _, universal) in universals.items()])
+    body = ('<p class="note">Where image and text meet: BLIP\'s text-encoder cross-attention heads against '
+            "LLaVA's language-model self-attention heads, by condition.</p>" + table_html(pd.DataFrame(rows))
+            + table_html(counts))
+    return Section("Families compared", body)
+
+
+def overview_section(table: pd.DataFrame, selection: dict[str, dict], prefix: str = "") -> Section:
     counts = (table.groupby(["task", "modality", "corruption", "direction"])["pair_id"].nunique()
               .rename("samples").reset_index())
     body = "<p>Samples patched per condition:</p>" + table_html(counts)
@@ -110,7 +166,7 @@ def overview_section(table: pd.DataFrame, selection: dict[str, dict]) -> Section
         rows = [{"pairs file": name, **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))}}
                 for name, summary in selection.items()]
         body += "<p>Selection (pairs kept and dropped by each filter):</p>" + table_html(pd.DataFrame(rows))
-    return Section("Tasks and selection", body)
+    return Section(f"{prefix}Tasks and selection", body)
 
 
 def _top_k_universal(rankings: dict[str, pd.DataFrame], min_conditions: int | None) -> str:
@@ -135,14 +191,15 @@ def _focus_heads(universal: pd.DataFrame, rankings: dict[str, pd.DataFrame]) -> 
 
 
 def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int, int]], out_dir: Path,
-                          overlays_per_head: int) -> Section:
+                          overlays_per_head: int, prefix: str = "") -> Section:
     samples = hf.collect(adapter, pairs)
     measures = hf.summarize_head_functions(hf.head_function_table(samples))
     measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
     focused = measures.set_index(["layer", "head"]).loc[[h for h in focus if h in set(
         zip(measures["layer"], measures["head"]))]].reset_index() if focus else measures.head(0)
-    body = ('<p class="note">Cross-attention from the answer word of the prompt to the image patches, averaged '
-            "over the selected clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of the "
+    body = ('<p class="note">Attention from the query token (BLIP: the answer word in the question; LLaVA: the '
+            "last prompt token, where the answer is read out) to the image patches, averaged over the selected "
+            "clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of the "
             "top-attended patches with the mask (implicit segmentation); object_inhibition: mass on the object "
             "minus the average head's (negative: looks away); outlier_inhibition: mass on high-norm outlier "
             "patches minus the average head's.</p>")
@@ -153,13 +210,13 @@ def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int,
     figures = []
     for layer, head in focus:
         for sample in samples[:overlays_per_head]:
-            target = out_dir / "figures" / f"overlay-{_slug(sample.pair_id)}-L{layer}H{head}.png"
+            target = out_dir / "figures" / f"overlay-{_slug(prefix + sample.pair_id)}-L{layer}H{head}.png"
             attention_overlay(sample.image, hf.relative_map(sample, layer, head),
                               f"{head_name(layer, head)} minus average head", target)
             figures.append(figure_html(f"figures/{target.name}", f"{sample.pair_id}: {head_name(layer, head)}"))
     if figures:
         body += "<h3>Attention overlays</h3><div class=\"figures\">" + "".join(figures) + "</div>"
-    return Section("What the heads do", body)
+    return Section(f"{prefix}What the heads do", body)
 
 
 def report_from_folder(results: Path, out: Path, model: str | None = None, pairs_files: Sequence[Path] = (),
@@ -186,5 +243,5 @@ def report_from_folder(results: Path, out: Path, model: str | None = None, pairs
         model = str(table["model"].iloc[0])
     adapter = load_model(model) if model and pairs_files else None
     pairs = [p for f in pairs_files for p in read_pairs(f)]
-    return make_report(table, out, title, model or "unknown", adapter=adapter, pairs=pairs, selection=selection,
+    return make_report([ModelResults(model or "unknown", table, adapter, pairs, selection)], out, title,
                        min_conditions=min_conditions, top_k=top_k)
