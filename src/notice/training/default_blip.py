@@ -111,6 +111,41 @@ def encode_questions(tokenizer, questions: list[str]) -> dict[str, torch.Tensor]
     return tokenizer(questions, padding=True, return_tensors="pt", return_token_type_ids=False)
 
 
+@dataclass
+class TrainingData:
+    """easy-VQA's training images (normalised as the processor does), their colour, shape and
+    per-patch targets for stage 1, and the questions of each image for stage 2."""
+
+    pixels: torch.Tensor  # [N, 3, H, W], every training image
+    image_index: dict[int, int]  # image id → row of `pixels`
+    labelled_pixels: torch.Tensor  # rows of images whose colour and shape are known
+    colors: torch.Tensor  # [L] palette index
+    shapes: torch.Tensor  # [L] shape index
+    patches: torch.Tensor  # [L, patches] 0 background, 1 + shape index
+    questions_by_image: dict[int, list[easy_vqa.Question]]
+
+    @classmethod
+    def load(cls, image_processor, questions: list[easy_vqa.Question], patch_size: int) -> "TrainingData":
+        paths = easy_vqa.image_paths("train")
+        image_ids = sorted(paths)
+        image_index = {image_id: i for i, image_id in enumerate(image_ids)}
+        pixels = load_pixels([paths[i] for i in image_ids], image_processor.image_mean, image_processor.image_std)
+        labels = easy_vqa.image_labels("train")
+        labelled = [i for i in image_ids if i in labels]
+        shapes = torch.tensor([easy_vqa.SHAPES.index(labels[i].shape) for i in labelled])
+        by_image: dict[int, list[easy_vqa.Question]] = {}
+        for q in questions:
+            by_image.setdefault(q.image_id, []).append(q)
+        return cls(pixels, image_index, pixels[[image_index[i] for i in labelled]],
+                   torch.tensor([easy_vqa.COLORS.index(labels[i].color) for i in labelled]), shapes,
+                   patch_labels([labels[i].path for i in labelled], [labels[i].color for i in labelled], shapes,
+                                patch_size), by_image)
+
+    def summary(self) -> str:
+        questions = sum(len(q) for q in self.questions_by_image.values())
+        return f"{len(self.pixels)} images ({len(self.colors)} labelled), {questions} questions"
+
+
 # ------------------------------------------------------------------- training
 def _cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
@@ -236,25 +271,10 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
     model = build_model(recipe, len(vocab), {t: vocab.index(t) for t in SPECIAL_TOKENS})
     model.train()
 
-    paths = easy_vqa.image_paths("train")
-    image_ids = sorted(paths)
-    image_index = {image_id: i for i, image_id in enumerate(image_ids)}
-    ip = processor.image_processor
-    pixels = load_pixels([paths[i] for i in image_ids], ip.image_mean, ip.image_std)
-    labels = easy_vqa.image_labels("train")
-    labelled = [i for i in image_ids if i in labels]
-    colors = torch.tensor([easy_vqa.COLORS.index(labels[i].color) for i in labelled])
-    shapes = torch.tensor([easy_vqa.SHAPES.index(labels[i].shape) for i in labelled])
-    log(f"easy-VQA train: {len(image_ids)} images ({len(labelled)} labelled), {len(train_questions)} questions, "
-        f"vocabulary {len(vocab)}")
-
-    patches = patch_labels([labels[i].path for i in labelled], [labels[i].color for i in labelled], shapes,
-                           recipe.patch_size)
-    train_stage1(model, recipe, pixels[[image_index[i] for i in labelled]], colors, shapes, patches, log)
-
-    questions_by_image: dict[int, list[easy_vqa.Question]] = {}
-    for q in train_questions:
-        questions_by_image.setdefault(q.image_id, []).append(q)
+    data = TrainingData.load(processor.image_processor, train_questions, recipe.patch_size)
+    log(f"easy-VQA train: {data.summary()}, vocabulary {len(vocab)}")
+    train_stage1(model, recipe, data.labelled_pixels, data.colors, data.shapes, data.patches, log)
+    pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
 
     def evaluate(epoch: int) -> None:
         if eval_every_epoch:

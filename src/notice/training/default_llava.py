@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from notice.tasks import easy_vqa
-from notice.training.default_blip import _cosine, augment, load_pixels, patch_labels, train_stage1
+from notice.training.default_blip import TrainingData, _cosine, augment, train_stage1
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 # llava-1.5's prompt format with a space for its newline (one vocabulary entry fewer per word)
@@ -203,27 +203,12 @@ def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=pr
     model = build_model(recipe, processor.tokenizer)
     model.train()
 
-    paths = easy_vqa.image_paths("train")
-    image_ids = sorted(paths)
-    image_index = {image_id: i for i, image_id in enumerate(image_ids)}
-    ip = processor.image_processor
-    pixels = load_pixels([paths[i] for i in image_ids], ip.image_mean, ip.image_std)
-    labels = easy_vqa.image_labels("train")
-    labelled = [i for i in image_ids if i in labels]
-    colors = torch.tensor([easy_vqa.COLORS.index(labels[i].color) for i in labelled])
-    shapes = torch.tensor([easy_vqa.SHAPES.index(labels[i].shape) for i in labelled])
-    log(f"easy-VQA train: {len(image_ids)} images ({len(labelled)} labelled), {len(train_questions)} questions, "
-        f"vocabulary {len(processor.tokenizer)}")
-
-    patches = patch_labels([labels[i].path for i in labelled], [labels[i].color for i in labelled], shapes,
-                           recipe.patch_size)
+    data = TrainingData.load(processor.image_processor, train_questions, recipe.patch_size)
+    log(f"easy-VQA train: {data.summary()}, vocabulary {len(processor.tokenizer)}")
     # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
-    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe,
-                 pixels[[image_index[i] for i in labelled]], colors, shapes, patches, log)
-
-    questions_by_image: dict[int, list[easy_vqa.Question]] = {}
-    for q in train_questions:
-        questions_by_image.setdefault(q.image_id, []).append(q)
+    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data.labelled_pixels, data.colors,
+                 data.shapes, data.patches, log)
+    pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
     train_stage2(model, recipe, processor, pixels, image_index, questions_by_image, log)
     model.eval()
     minutes = (time.time() - started) / 60
