@@ -104,16 +104,17 @@ class ModelResults:
 
 
 def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
-                top_k: int = 10, overlays_per_head: int = 2, seed: int = 0) -> Path:
+                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0) -> Path:
     """Write the report of one or several models to `out_dir`; with several, a comparison of
-    their heads follows their own sections."""
+    their heads follows their own sections. `top_k` heads are listed per condition; the
+    `universal_top_k` strongest of each condition count for the top-k variant of universality."""
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     sections, universals = [], {}
     for model in models:
         prefix = f"{model.name}: " if len(models) > 1 else ""
         focus = focus_of(model.table)
-        rankings = rank_by_condition(model.table, *focus, top_k=top_k, seed=seed)
+        rankings = rank_by_condition(model.table, *focus, top_k=universal_top_k, seed=seed)
         sections.append(overview_section(model.table, model.selection, prefix))
         for (task, modality), rows in model.table.groupby(["task", "modality"], sort=True):
             condition = f"{task}/{modality}"
@@ -126,7 +127,7 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
             f'<p class="note">{COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important (mean + 2σ) '
             f"in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
             + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
-            + _top_k_universal(rankings, min_conditions))))
+            + _top_k_universal(rankings, min_conditions, universal_top_k))))
         if model.adapter is not None and model.pairs:
             heads = _focus_heads(universal, rankings)
             sections.append(head_function_section(model.adapter, model.pairs, heads, out_dir, overlays_per_head,
@@ -169,13 +170,17 @@ def overview_section(table: pd.DataFrame, selection: dict[str, dict], prefix: st
     return Section(f"{prefix}Tasks and selection", body)
 
 
-def _top_k_universal(rankings: dict[str, pd.DataFrame], min_conditions: int | None) -> str:
+def _top_k_universal(rankings: dict[str, pd.DataFrame], min_conditions: int | None, k: int) -> str:
+    """Two views beside the 2σ rule: each condition's k strongest heads, and every head
+    important anywhere with the number of conditions that name it."""
     if not rankings:
         return ""
-    frame = universal_heads(rankings, min_conditions, rule="top_k")
-    if frame.empty:
-        return ""
-    return "<p class=\"note\">The same count with each condition's top-k heads instead of the 2σ rule:</p>" + table_html(frame)
+    strongest = universal_heads(rankings, min_conditions, rule="top_k")
+    anywhere = universal_heads(rankings, 1)
+    return (f"<p class=\"note\">With each condition's {k} strongest heads instead of the 2σ rule:</p>"
+            + (table_html(strongest) if not strongest.empty else "<p>None.</p>")
+            + "<p class=\"note\">Every head important (2σ) in at least one condition:</p>"
+            + (table_html(anywhere) if not anywhere.empty else "<p>None.</p>"))
 
 
 def _focus_heads(universal: pd.DataFrame, rankings: dict[str, pd.DataFrame]) -> list[tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +38,7 @@ def heatmap(mean: pd.DataFrame, title: str, xlabel: str, xticklabels: Sequence[s
     ax.set_yticks(range(values.shape[0]), [str(i) for i in mean.index], fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, width=max(30, int(width * 9))), fontsize=9)
     fig.colorbar(image, ax=ax, label=colorbar_label)
     fig.tight_layout()
     written = []
