@@ -101,3 +101,35 @@ class Patchable(Protocol):
     def position_labels(self, run: Run) -> dict[str, list[str]]: ...
     def full_patch_sites(self, modality: str) -> list[str]: ...
     def cell_bytes(self, stream: str, num_positions: dict[str, int]) -> int: ...
+
+
+class PairRuns:
+    """How a pair becomes two runs, the same for every family: prompts of equal token length,
+    and a noise pair's Gaussian noise added to the corrupt run's embeddings."""
+
+    text_stream = "text"  # the stream whose embeddings text noise goes on
+
+    def runs_for(self, clean_image, corrupt_image, clean_prompt: str, corrupt_prompt: str,
+                 noise: dict[str, Any] | None = None) -> tuple[Run, Run]:
+        from notice.errors import NoticeError
+
+        clean = self.prepare([clean_image], [clean_prompt])
+        corrupt = self.prepare([corrupt_image], [corrupt_prompt])
+        if clean.input_ids.shape != corrupt.input_ids.shape:
+            raise NoticeError(f"clean prompt {clean_prompt!r} and corrupt prompt {corrupt_prompt!r} tokenize to "
+                              f"{clean.input_ids.shape[1]} and {corrupt.input_ids.shape[1]} tokens: a pair needs "
+                              "equal lengths")
+        return Run(clean), Run(corrupt, noise)
+
+    def _embeddings(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image embeddings [1, I, Dv] and token embeddings [1, T, D] of a run, with its noise added."""
+        from notice.corrupt.noise import add_noise
+
+        image = self.embed_image(run.inputs.pixel_values)
+        tokens = self.embed_question(run.inputs.input_ids)
+        if run.noise is not None:
+            if run.noise["stream"] == "vision":
+                image = add_noise(image, run.noise, sigma=self.embedding_sigma("vision", image))
+            else:
+                tokens = add_noise(tokens, run.noise, sigma=self.embedding_sigma(self.text_stream, tokens))
+        return image, tokens

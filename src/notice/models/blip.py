@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from notice.corrupt.noise import add_noise
 from notice.errors import NoticeError
-from notice.models.base import PatchBatch, Run, StreamFacts, Trace, resolve_dtype
+from notice.models.base import PairRuns, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
 ANSWER_SCORING = ("first_token", "sequence")
 
@@ -36,7 +35,7 @@ class BlipInputs:
     attention_mask: torch.Tensor  # [B, T]
 
 
-class BlipAdapter:
+class BlipAdapter(PairRuns):
     """Loading, inputs, answer logits and model facts for BLIP VQA checkpoints."""
 
     family = "blip"
@@ -288,27 +287,6 @@ class BlipAdapter:
             return None
         d = self.streams[site.stream].head_dim
         return slice(site.head * d, (site.head + 1) * d)
-
-    def runs_for(self, clean_image: Image.Image, corrupt_image: Image.Image, clean_prompt: str,
-                 corrupt_prompt: str, noise: dict[str, Any] | None = None) -> tuple[Run, Run]:
-        """The clean and the corrupt Run of a pair; noise (if any) goes onto the corrupt run's embeddings."""
-        clean = self.prepare([clean_image], [clean_prompt])
-        corrupt = self.prepare([corrupt_image], [corrupt_prompt])
-        if clean.input_ids.shape != corrupt.input_ids.shape:
-            raise NoticeError(f"clean prompt {clean_prompt!r} and corrupt prompt {corrupt_prompt!r} tokenize to "
-                              f"{clean.input_ids.shape[1]} and {corrupt.input_ids.shape[1]} tokens: a pair needs equal lengths")
-        return Run(clean), Run(corrupt, noise)
-
-    def _embeddings(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image and question embeddings [1, I, D], [1, T, D], with the run's noise added."""
-        image = self.embed_image(run.inputs.pixel_values)
-        question = self.embed_question(run.inputs.input_ids)
-        if run.noise is not None:
-            if run.noise["stream"] == "vision":
-                image = add_noise(image, run.noise, sigma=self.embedding_sigma("vision", image))
-            else:
-                question = add_noise(question, run.noise, sigma=self.embedding_sigma("text", question))
-        return image, question
 
     @torch.no_grad()
     def run_logits(self, run: Run) -> torch.Tensor:

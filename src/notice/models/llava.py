@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from notice.errors import NoticeError
-from notice.models.base import PatchBatch, Run, StreamFacts, Trace, resolve_dtype
+from notice.models.base import PairRuns, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
 ANSWER_SCORING = ("first_token", "sequence")
 
@@ -39,10 +39,11 @@ class LlavaInputs:
     attention_mask: torch.Tensor  # [B, T]
 
 
-class LlavaAdapter:
+class LlavaAdapter(PairRuns):
     """Loading, prompts, answer logits, positions and patching for LLaVA checkpoints."""
 
     family = "llava"
+    text_stream = "lm"
 
     def __init__(self, model, processor, name: str):
         self.model = model.eval()
@@ -394,30 +395,6 @@ class LlavaAdapter:
         for offset, position in enumerate(span):
             tokens[position] = f"<image {image[offset]}>"
         return {"vision": ["[CLS]"] + patches, "projector": image, "lm": tokens}
-
-    def runs_for(self, clean_image: Image.Image, corrupt_image: Image.Image, clean_prompt: str,
-                 corrupt_prompt: str, noise: dict[str, Any] | None = None) -> tuple[Run, Run]:
-        """The clean and the corrupt Run of a pair; noise (if any) goes onto the corrupt run's embeddings."""
-        clean = self.prepare([clean_image], [clean_prompt])
-        corrupt = self.prepare([corrupt_image], [corrupt_prompt])
-        if clean.input_ids.shape != corrupt.input_ids.shape:
-            raise NoticeError(f"clean prompt {clean_prompt!r} and corrupt prompt {corrupt_prompt!r} tokenize to "
-                              f"{clean.input_ids.shape[1]} and {corrupt.input_ids.shape[1]} tokens: a pair needs "
-                              "equal lengths")
-        return Run(clean), Run(corrupt, noise)
-
-    def _embeddings(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vision embeddings [1, 1+P, Dv] and token embeddings [1, T, D], with the run's noise added."""
-        image = self.embed_image(run.inputs.pixel_values)
-        tokens = self.embed_question(run.inputs.input_ids)
-        if run.noise is not None:
-            from notice.corrupt.noise import add_noise
-
-            if run.noise["stream"] == "vision":
-                image = add_noise(image, run.noise, sigma=self.embedding_sigma("vision", image))
-            else:
-                tokens = add_noise(tokens, run.noise, sigma=self.embedding_sigma("lm", tokens))
-        return image, tokens
 
     @torch.no_grad()
     def run_logits(self, run: Run) -> torch.Tensor:
