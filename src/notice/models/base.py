@@ -103,11 +103,30 @@ class Patchable(Protocol):
     def cell_bytes(self, stream: str, num_positions: dict[str, int]) -> int: ...
 
 
-class PairRuns:
-    """How a pair becomes two runs, the same for every family: prompts of equal token length,
-    and a noise pair's Gaussian noise added to the corrupt run's embeddings."""
+class AdapterCommon:
+    """What every family's adapter does the same way: answers in batches of equal-length prompts,
+    and a pair as two runs (equal token lengths; a noise pair's noise on the corrupt embeddings)."""
 
     text_stream = "text"  # the stream whose embeddings text noise goes on
+    answer_batch_size = 64
+
+    @torch.no_grad()
+    def answer_logits(self, images: Sequence, questions: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        """The first answer token's logits over the vocabulary, [B, V] float32."""
+        out: list[torch.Tensor | None] = [None] * len(questions)
+        for index in self.batches_by_length(questions, batch_size or self.answer_batch_size):
+            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
+            for i, row in zip(index, self.logits_from_inputs(inputs)):
+                out[i] = row
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
+        """Index batches whose prompts share a token length: no padding ever enters a forward
+        (BLIP's answer step sees padded questions; padding would shift LLaVA's RoPE positions)."""
+        groups: dict[int, list[int]] = {}
+        for i, question in enumerate(questions):
+            groups.setdefault(self.token_length(question), []).append(i)
+        return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     def runs_for(self, clean_image, corrupt_image, clean_prompt: str, corrupt_prompt: str,
                  noise: dict[str, Any] | None = None) -> tuple[Run, Run]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from notice.errors import NoticeError
-from notice.models.base import PairRuns, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
+from notice.models.base import AdapterCommon, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
 ANSWER_SCORING = ("first_token", "sequence")
 
@@ -35,7 +35,7 @@ class BlipInputs:
     attention_mask: torch.Tensor  # [B, T]
 
 
-class BlipAdapter(PairRuns):
+class BlipAdapter(AdapterCommon):
     """Loading, inputs, answer logits and model facts for BLIP VQA checkpoints."""
 
     family = "blip"
@@ -161,24 +161,6 @@ class BlipAdapter(PairRuns):
         image_states = self.encode_image(inputs.pixel_values)
         question_states = self.encode_question(inputs.input_ids, inputs.attention_mask, image_states)
         return self.decode(question_states, inputs.attention_mask)[:, 0].float()
-
-    @torch.no_grad()
-    def answer_logits(self, images: Sequence[Image.Image], questions: Sequence[str],
-                      batch_size: int = 64) -> torch.Tensor:
-        """First answer-decoder step's logits over the vocabulary, [B, V] float32."""
-        out: list[torch.Tensor | None] = [None] * len(questions)
-        for index in self.batches_by_length(questions, batch_size):
-            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
-            for i, row in zip(index, self.logits_from_inputs(inputs)):
-                out[i] = row
-        return torch.stack(out)  # type: ignore[arg-type]
-
-    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
-        """Index batches whose questions share a token length (BLIP's answer step sees padding)."""
-        groups: dict[int, list[int]] = {}
-        for i, question in enumerate(questions):
-            groups.setdefault(self.token_length(question), []).append(i)
-        return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
     def score_answers(self, images: Sequence[Image.Image], questions: Sequence[str],

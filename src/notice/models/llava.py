@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from notice.errors import NoticeError
-from notice.models.base import PairRuns, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
+from notice.models.base import AdapterCommon, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
 ANSWER_SCORING = ("first_token", "sequence")
 
@@ -39,11 +39,12 @@ class LlavaInputs:
     attention_mask: torch.Tensor  # [B, T]
 
 
-class LlavaAdapter(PairRuns):
+class LlavaAdapter(AdapterCommon):
     """Loading, prompts, answer logits, positions and patching for LLaVA checkpoints."""
 
     family = "llava"
     text_stream = "lm"
+    answer_batch_size = 16
 
     def __init__(self, model, processor, name: str):
         self.model = model.eval()
@@ -247,24 +248,6 @@ class LlavaAdapter(PairRuns):
         [B, T, D] (e.g. with Gaussian noise added; noise at image-token positions is overwritten)."""
         features = self.encode_image(image_embeddings=image_embeddings)
         return self.run_lm(self.merge(inputs.input_ids, token_embeddings, features)).float()
-
-    @torch.no_grad()
-    def answer_logits(self, images: Sequence[Image.Image], questions: Sequence[str],
-                      batch_size: int = 16) -> torch.Tensor:
-        """The answer's first-token logits over the vocabulary, [B, V] float32."""
-        out: list[torch.Tensor | None] = [None] * len(questions)
-        for index in self.batches_by_length(questions, batch_size):
-            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
-            for i, row in zip(index, self.logits_from_inputs(inputs)):
-                out[i] = row
-        return torch.stack(out)  # type: ignore[arg-type]
-
-    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
-        """Index batches whose prompts share a token length (padding would shift RoPE positions)."""
-        groups: dict[int, list[int]] = {}
-        for i, question in enumerate(questions):
-            groups.setdefault(len(self.tokenizer(self.prompt(question))["input_ids"]), []).append(i)
-        return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
     def score_answers(self, images: Sequence[Image.Image], questions: Sequence[str],
