@@ -159,7 +159,9 @@ def test_noise_runs_agree_between_selection_and_patching(tiny_llava):
 
     image = helpers.shape_image(32)
     question = "what color is the shape?"
-    for stream, positions in (("vision", "all"), ("text", tiny_llava.question_positions(question))):
+    alone = list(range(1, len(tiny_llava.tokenizer(question)["input_ids"])))  # every question token after <s>
+    assert tiny_llava.prompt_positions(question, alone) == tiny_llava.question_positions(question)
+    for stream, positions in (("vision", "all"), ("text", alone)):
         pair = Pair(id="p", task="t", corruption="image_noise" if stream == "vision" else "text_noise", clean_image="x.png",
                     corrupt_image="x.png", clean_prompt=question, corrupt_prompt=question, correct="red",
                     incorrect="blue", metadata={"noise": noise_spec(stream, positions, seed=3)})

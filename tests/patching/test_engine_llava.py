@@ -22,7 +22,13 @@ import helpers
 def llava_pairs(tmp_path_factory, tiny_llava):
     pairs = make_pairs(tmp_path_factory.mktemp("llava-pairs"), helpers.TINY_LLAVA["image_size"])
     noise = pairs["text_noise"]
-    words = tiny_llava.question_positions(noise.clean_prompt)[:2]  # LM positions of the question's first tokens
+    words = [1, 2]  # the question's first two tokens, tokenized alone after <s> (as pairs store them)
+    mapped = tiny_llava.prompt_positions(noise.clean_prompt, words)
+    alone = tiny_llava.tokenizer.convert_ids_to_tokens(tiny_llava.tokenizer(noise.clean_prompt)["input_ids"])
+    in_prompt = tiny_llava.tokenize(noise.clean_prompt)
+    # the same characters, however the template's context splits them into tokens
+    assert "".join(in_prompt[i] for i in mapped).strip("▁") == "".join(alone[i] for i in words).strip("▁")
+    assert set(mapped) <= set(tiny_llava.question_positions(noise.clean_prompt))
     pairs["text_noise"] = dataclasses.replace(noise, metadata={"noise": noise_spec("text", words, seed=4)})
     return pairs
 

@@ -43,8 +43,10 @@ def resolve_positions(adapter, pair) -> list[int]:
     ("all", [CLS] excluded) or the patches the clean object's mask touches ("object")."""
     spec = pair.metadata["noise"]
     positions = spec["positions"]
-    if spec["stream"] == "text":
-        return list(range(adapter.token_length(pair.clean_prompt))) if positions == "all" else list(positions)
+    if spec["stream"] == "text":  # stored on the question tokenized alone; the adapter maps them
+        if positions == "all":
+            positions = range(len(adapter.tokenizer(pair.clean_prompt)["input_ids"]))
+        return adapter.prompt_positions(pair.clean_prompt, list(positions))
     if positions == "all":
         return list(range(1, adapter.num_patches + 1))  # vision embeddings: [CLS] + patches in both families
     if positions == "object":

@@ -120,6 +120,11 @@ class AdapterCommon:
                 out[i] = row
         return torch.stack(out)  # type: ignore[arg-type]
 
+    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+        """Positions of the question tokenized alone (as pairs store STR and text-noise sites) in
+        the model's input; the same for a model whose input is the question itself."""
+        return list(positions)
+
     def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
         """Index batches whose prompts share a token length: no padding ever enters a forward
         (BLIP's answer step sees padded questions; padding would shift LLaVA's RoPE positions)."""

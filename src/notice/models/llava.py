@@ -288,6 +288,22 @@ class LlavaAdapter(AdapterCommon):
         return answers
 
     @torch.no_grad()
+    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+        """Positions of the question tokenized alone (special tokens included) in the full prompt,
+        matched by the characters they cover, after `<image>` is expanded."""
+        alone = self.tokenizer(question, return_offsets_mapping=True)["offset_mapping"]
+        spans = [alone[p] for p in positions if alone[p][1] > alone[p][0]]
+        prompt = self.prompt(question)
+        begin = prompt.rindex(question)
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        shift, out = 0, []
+        for i, (token, (a, b)) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
+            if token == self.image_token_id:
+                shift = self.num_image_tokens - 1
+            elif b > a and any(a - begin < end and b - begin > start for start, end in spans):
+                out.append(i + shift)
+        return out
+
     def attention_query(self, question: str, answer: str) -> int:
         """The position whose attention head-function analysis reads: the last prompt token,
         whose output is the answer's first token."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from notice.corrupt.noise import resolve_positions
 from notice.errors import NoticeError
 from notice.io import load_image
 from notice.models.base import Patchable, Run
@@ -18,6 +19,7 @@ def pair_runs(adapter: Patchable, pair: Pair) -> tuple[Run, Run]:
         noise = pair.metadata.get("noise")
         if not noise:
             raise NoticeError(f"pair {pair.id}: a {pair.corruption} pair needs metadata['noise'] (see corrupt/noise.py)")
+        noise = dict(noise, positions=resolve_positions(adapter, pair))  # as selection resolves them
     try:
         return adapter.runs_for(clean_image, corrupt_image, pair.clean_prompt, pair.corrupt_prompt, noise)
     except NoticeError as error:
