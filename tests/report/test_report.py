@@ -56,6 +56,7 @@ def test_report_renders_in_headless_chromium_without_console_errors(report_dir, 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver_path = shutil.which("chromedriver")
     assert driver_path, "chromium's driver is missing: `make test` installs Debian's chromium and chromium-driver"
@@ -67,6 +68,12 @@ def test_report_renders_in_headless_chromium_without_console_errors(report_dir, 
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.get((report_dir / "index.html").resolve().as_uri())
+        page = (report_dir / "index.html").read_text()
+        expected_plots = page.count("Plotly.newPlot(")
+        # plotly draws after the page loads: wait for every plot and image rather than racing them
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "return document.readyState === 'complete' && [...document.images].every(i => i.complete)"
+            " && document.querySelectorAll('div.js-plotly-plot .main-svg').length >= arguments[0]", expected_plots))
         plots = driver.find_elements(By.CSS_SELECTOR, "div.js-plotly-plot .main-svg")
         images = driver.find_elements(By.TAG_NAME, "img")
         loaded = [driver.execute_script("return arguments[0].naturalWidth", img) for img in images]
@@ -76,6 +83,6 @@ def test_report_renders_in_headless_chromium_without_console_errors(report_dir, 
     finally:
         driver.quit()
     assert not errors, errors
-    assert len(plots) >= 4  # interactive heatmaps drawn by the bundled plotly
+    assert expected_plots >= 4 and len(plots) >= expected_plots  # interactive heatmaps drawn by the bundled plotly
     assert images and all(width > 0 for width in loaded)
     assert screenshot.stat().st_size > 10_000
