@@ -205,15 +205,17 @@ def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tens
             f"train shape accuracy {correct_shape / len(pixels):.3f}")
 
 
-def train_stage2(model, recipe: Recipe, tokenizer, pixels: torch.Tensor, image_index: dict[int, int],
-                 questions_by_image: dict[int, list[easy_vqa.Question]], log, evaluate=None) -> None:
+def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
+               questions_by_image: dict[int, list[easy_vqa.Question]], answer_loss, log, evaluate=None) -> None:
+    """Stage 2 for either family: seeded batches of images, each with a sample of its questions,
+    and a cosine schedule. `answer_loss(image_pixels, owner, questions) -> (loss, correct)` is the
+    family's forward; `owner[k]` is the batch row of question k's image."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     rng = random.Random(recipe.seed + 3)
     image_ids = sorted(questions_by_image)
     steps_per_epoch = math.ceil(len(image_ids) / recipe.images_per_step)
     total = recipe.stage2_epochs * steps_per_epoch
-    sep = tokenizer.sep_token_id
     step = 0
     for epoch in range(recipe.stage2_epochs):
         rng.shuffle(image_ids)
@@ -221,39 +223,48 @@ def train_stage2(model, recipe: Recipe, tokenizer, pixels: torch.Tensor, image_i
         start_time = time.time()
         for start in range(0, len(image_ids), recipe.images_per_step):
             batch_images = image_ids[start:start + recipe.images_per_step]
-            owner, texts, answers = [], [], []
+            owner, questions = [], []
             for slot, image_id in enumerate(batch_images):
                 pool = questions_by_image[image_id]
                 for q in rng.sample(pool, min(recipe.questions_per_image, len(pool))):
                     owner.append(slot)
-                    texts.append(q.question)
-                    answers.append(q.answer)
+                    questions.append(q)
             for group in optimizer.param_groups:
                 group["lr"] = recipe.stage2_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
-            enc = encode_questions(tokenizer, texts)
-            answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-            first = torch.tensor([ids[0] for ids in answer_ids])
             image_pixels = augment(pixels[[image_index[i] for i in batch_images]], generator)
-            image_states = model.vision_model(pixel_values=image_pixels).last_hidden_state
-            owner_t = torch.tensor(owner)
-            question_states = model.text_encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                                 encoder_hidden_states=image_states[owner_t]).last_hidden_state
-            decoder_ids = torch.stack([torch.full_like(first, tokenizer.bos_token_id), first], dim=1)
-            logits = model.text_decoder(input_ids=decoder_ids, encoder_hidden_states=question_states,
-                                        encoder_attention_mask=enc["attention_mask"]).logits
-            # answers are one wordpiece in this vocabulary: predict it, then [SEP]
-            loss = F.cross_entropy(logits[:, 0], first) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(first, sep))
+            loss, hits = answer_loss(image_pixels, torch.tensor(owner), questions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            seen += len(first)
-            correct += int((logits[:, 0].argmax(1) == first).sum())
+            seen += len(questions)
+            correct += hits
             step += 1
         log(f"stage 2 epoch {epoch + 1}/{recipe.stage2_epochs}: loss {loss.item():.3f}, train accuracy "
             f"{correct / seen:.3f}, {time.time() - start_time:.0f} s")
         if evaluate is not None:
             evaluate(epoch)
+
+
+def blip_answer_loss(model, tokenizer):
+    """BLIP's stage-2 forward: the vision pass once per image, shared by its questions."""
+    sep = tokenizer.sep_token_id
+
+    def answer_loss(image_pixels: torch.Tensor, owner: torch.Tensor, questions: list[easy_vqa.Question]):
+        enc = encode_questions(tokenizer, [q.question for q in questions])
+        answer_ids = tokenizer([q.answer for q in questions], add_special_tokens=False)["input_ids"]
+        first = torch.tensor([ids[0] for ids in answer_ids])
+        image_states = model.vision_model(pixel_values=image_pixels).last_hidden_state
+        question_states = model.text_encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                             encoder_hidden_states=image_states[owner]).last_hidden_state
+        decoder_ids = torch.stack([torch.full_like(first, tokenizer.bos_token_id), first], dim=1)
+        logits = model.text_decoder(input_ids=decoder_ids, encoder_hidden_states=question_states,
+                                    encoder_attention_mask=enc["attention_mask"]).logits
+        # answers are one wordpiece in this vocabulary: predict it, then [SEP]
+        loss = F.cross_entropy(logits[:, 0], first) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(first, sep))
+        return loss, int((logits[:, 0].argmax(1) == first).sum())
+
+    return answer_loss
 
 
 def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_every_epoch: bool = False) -> dict:
@@ -283,7 +294,8 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
             log(f"  test (300 images): {json.dumps(result['accuracy'])}")
             model.train()
 
-    train_stage2(model, recipe, tokenizer, pixels, image_index, questions_by_image, log, evaluate)
+    run_stage2(model, recipe, pixels, image_index, questions_by_image, blip_answer_loss(model, tokenizer), log,
+               evaluate)
     model.eval()
     minutes = (time.time() - started) / 60
     model.save_pretrained(out_dir)

@@ -11,8 +11,6 @@ attention; a BPE tokenizer built from the questions; llava-1.5's chat template. 
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from notice.tasks import easy_vqa
-from notice.training.default_blip import TrainingData, _cosine, augment, train_stage1
+from notice.training.default_blip import TrainingData, run_stage2, train_stage1
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 # llava-1.5's prompt format with a space for its newline (one vocabulary entry fewer per word)
@@ -141,51 +139,29 @@ def answer_step_logits(model, ids: list[list[int]], features: torch.Tensor, extr
     return model.lm_head(picked)
 
 
-def train_stage2(model, recipe: LlavaRecipe, processor, pixels: torch.Tensor, image_index: dict[int, int],
-                 questions_by_image: dict[int, list[easy_vqa.Question]], log) -> None:
+def llava_answer_loss(model, processor):
+    """LLaVA's stage-2 forward: the next-token logits after each prompt (the answer), then </s>."""
     tokenizer = processor.tokenizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
-    generator = torch.Generator().manual_seed(recipe.seed + 2)
-    rng = random.Random(recipe.seed + 3)
     ids_of: dict[str, list[int]] = {}
     answer_of: dict[str, int] = {}
-    image_ids = sorted(questions_by_image)
-    steps_per_epoch = math.ceil(len(image_ids) / recipe.images_per_step)
-    total = recipe.stage2_epochs * steps_per_epoch
     eos = tokenizer.eos_token_id
-    step = 0
-    for epoch in range(recipe.stage2_epochs):
-        rng.shuffle(image_ids)
-        seen = correct = 0
-        started = time.time()
-        for start in range(0, len(image_ids), recipe.images_per_step):
-            batch_images = image_ids[start:start + recipe.images_per_step]
-            owner, rows, answers = [], [], []
-            for slot, image_id in enumerate(batch_images):
-                pool = questions_by_image[image_id]
-                for q in rng.sample(pool, min(recipe.questions_per_image, len(pool))):
-                    if q.question not in ids_of:
-                        ids_of[q.question] = prompt_ids(processor, q.question)
-                    if q.answer not in answer_of:
-                        answer_of[q.answer] = tokenizer(q.answer, add_special_tokens=False)["input_ids"][0]
-                    owner.append(slot)
-                    rows.append(ids_of[q.question] + [answer_of[q.answer]])  # teacher-forced answer, then </s>
-                    answers.append(answer_of[q.answer])
-            for group in optimizer.param_groups:
-                group["lr"] = recipe.stage2_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
-            features = image_features(model, augment(pixels[[image_index[i] for i in batch_images]], generator))
-            logits = answer_step_logits(model, rows, features[torch.tensor(owner)], extra=1)  # [N, 2, V]
-            target = torch.tensor(answers)
-            loss = F.cross_entropy(logits[:, 0], target) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(target, eos))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            seen += len(target)
-            correct += int((logits[:, 0].argmax(1) == target).sum())
-            step += 1
-        log(f"stage 2 epoch {epoch + 1}/{recipe.stage2_epochs}: loss {loss.item():.3f}, train accuracy "
-            f"{correct / seen:.3f}, {time.time() - started:.0f} s")
+
+    def answer_loss(image_pixels: torch.Tensor, owner: torch.Tensor, questions: list[easy_vqa.Question]):
+        rows, answers = [], []
+        for q in questions:
+            if q.question not in ids_of:
+                ids_of[q.question] = prompt_ids(processor, q.question)
+            if q.answer not in answer_of:
+                answer_of[q.answer] = tokenizer(q.answer, add_special_tokens=False)["input_ids"][0]
+            rows.append(ids_of[q.question] + [answer_of[q.answer]])  # teacher-forced answer, then </s>
+            answers.append(answer_of[q.answer])
+        features = image_features(model, image_pixels)
+        logits = answer_step_logits(model, rows, features[owner], extra=1)  # [N, 2, V]
+        target = torch.tensor(answers)
+        loss = F.cross_entropy(logits[:, 0], target) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(target, eos))
+        return loss, int((logits[:, 0].argmax(1) == target).sum())
+
+    return answer_loss
 
 
 def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=print) -> dict:
@@ -209,7 +185,7 @@ def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=pr
     train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data.labelled_pixels, data.colors,
                  data.shapes, data.patches, log)
     pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
-    train_stage2(model, recipe, processor, pixels, image_index, questions_by_image, log)
+    run_stage2(model, recipe, pixels, image_index, questions_by_image, llava_answer_loss(model, processor), log)
     model.eval()
     minutes = (time.time() - started) / 60
     model.save_pretrained(out_dir)
