@@ -143,6 +143,43 @@ def test_a_late_patch_recomputes_only_the_positions_after_it(tiny_llava, runs):
     assert seen == [(3, 1, helpers.TINY_LLAVA["text_hidden"])]  # 3 cells × 1 position, layer 2 only
 
 
+def test_one_call_with_patches_at_several_layers_equals_the_plain_way(tiny_llava, runs):
+    """Rows join the rerun at the layer after their own patch; the result keeps the batches' order even
+    when the layers come unsorted, and each row equals one full forward with its patch."""
+    receiving, source = _traces(tiny_llava, runs)
+    last = receiving.num_positions["lm"] - 1
+    sites = [parse_site(f"lm.2.self_attn.head1@{last}"), parse_site(f"lm.0.mlp@{last - 1}"),
+             parse_site(f"lm.1.layer@{last}"), parse_site(f"lm.0.self_attn.head4@{last}")]
+    batches = []
+    for site in sites:
+        target = site.component + (".z" if site.head is not None else "")
+        columns = None
+        if site.head is not None:
+            columns = torch.zeros(1, receiving.acts[("lm", site.layer)][target].shape[-1], dtype=torch.bool)
+            columns[0, tiny_llava.site_columns(site)] = True
+        batches.append(PatchBatch("lm", site.layer, target, torch.tensor([[int(site.position)]]), columns))
+    fast = tiny_llava.patched_logits(receiving, source, batches)
+    clean, corrupt = runs
+    plain = torch.stack([plain_patched_logits(tiny_llava, corrupt, clean, site) for site in sites])
+    torch.testing.assert_close(fast, plain, **TOLERANCE)
+    assert (plain - receiving.logits).abs().amax(dim=1).min() > 1e-3  # every patch moves the logits
+
+
+def test_the_engine_runs_an_answer_token_head_sweep_in_one_call(tiny_llava, runs):
+    from notice.patching.engine import plan
+
+    receiving, _ = _traces(tiny_llava, runs)
+    last = receiving.num_positions["lm"] - 1
+    sites = expand_sites([f"lm.*.self_attn.head*@{last}", f"lm.*.mlp@{last - 1}", "lm.1.layer@all"],
+                         tiny_llava.streams, receiving.num_positions)
+    groups = plan(sites, list(tiny_llava.streams), tiny_llava.cross_layer_streams)
+    layers = list(range(tiny_llava.streams["lm"].layers))
+    heads = tiny_llava.streams["lm"].heads
+    assert [(g.layers, len(g.cells)) for g in groups] == [([1], 1), (layers, len(layers)),
+                                                          (layers, len(layers) * heads)]
+    assert plan(sites, list(tiny_llava.streams)) != groups  # without cross-layer streams: one layer a group
+
+
 def test_site_catalogue_names_llava_streams(tiny_llava):
     from notice.patching.sites import site_catalogue
 

@@ -179,10 +179,10 @@ def test_cells_of_one_layer_share_a_forward_whatever_their_target(tiny):
                          {"text": 5, "vision": 17, "decoder": 1})
     groups = engine.plan(sites, list(tiny.streams))
     assert sum(len(g.cells) for g in groups) == len(sites)
-    assert [(g.stream, g.layer, len(g.cells)) for g in groups] == [("text", 0, 4 * 5 + 1), ("text", 1, 4 * 5 + 1),
-                                                                   ("decoder", 1, 1)]
+    assert [(g.stream, g.layers, len(g.cells)) for g in groups] == [("text", [0], 4 * 5 + 1), ("text", [1], 4 * 5 + 1),
+                                                                      ("decoder", [1], 1)]
     for group in groups:
-        assert {(sites[i].stream, sites[i].layer) for i in group.cells} == {(group.stream, group.layer)}
+        assert {(sites[i].stream, sites[i].layer) for i in group.cells} == {(group.stream, group.layers[0])}
 
 
 def test_batch_size_follows_max_memory(tiny, tiny_pairs):

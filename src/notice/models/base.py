@@ -89,6 +89,7 @@ class Patchable(Protocol):
     reuse fits the same calls)."""
 
     streams: dict[str, StreamFacts]
+    cross_layer_streams: frozenset[str]  # streams where one patched_logits call may mix layers
 
     def runs_for(self, clean_image, corrupt_image, clean_prompt: str, corrupt_prompt: str,
                  noise: dict[str, Any] | None) -> tuple[Run, Run]: ...
@@ -108,6 +109,7 @@ class AdapterCommon:
     and a pair as two runs (equal token lengths; a noise pair's noise on the corrupt embeddings)."""
 
     text_stream = "text"  # the stream whose embeddings text noise goes on
+    cross_layer_streams: frozenset[str] = frozenset()  # streams whose patched_logits takes several layers
     answer_batch_size = 64
 
     @torch.no_grad()

@@ -44,6 +44,7 @@ class LlavaAdapter(AdapterCommon):
 
     family = "llava"
     text_stream = "lm"
+    cross_layer_streams = frozenset({"lm"})  # patched_logits runs patches of several LM layers in one call
     answer_batch_size = 16
 
     def __init__(self, model, processor, name: str):
@@ -486,17 +487,21 @@ class LlavaAdapter(AdapterCommon):
 
     @torch.no_grad()
     def patched_logits(self, receiving: Trace, source: Trace, batches: Sequence[PatchBatch] | PatchBatch) -> torch.Tensor:
-        """Answer logits [N, V] of patched copies of the receiving run (N = cells of all batches, which
-        share one stream and layer). The LM reruns only positions from the first one a patch can change,
-        attending the receiving run's cached keys and values for the prefix before it, and only from the
-        layer after the patched one."""
+        """Answer logits [N, V] of patched copies of the receiving run (N = cells of all batches, in order;
+        they share one stream, and one layer unless the stream is in `cross_layer_streams`). The LM reruns
+        only positions from the first one a patch can change, attending the receiving run's cached keys
+        and values for the prefix before it, and each row only from the layer after its patched one."""
         batches = [batches] if isinstance(batches, PatchBatch) else list(batches)
         stream, layer = batches[0].stream, batches[0].layer
-        assert all((b.stream, b.layer) == (stream, layer) for b in batches), "one stream and layer per call"
+        assert all(b.stream == stream for b in batches), "one stream per call"
+        assert stream in self.cross_layer_streams or all(b.layer == layer for b in batches), "one layer per call"
         first = min(int(b.positions.min()) for b in batches)
         if stream == "lm":
-            hidden = torch.cat([self._patched_layer(receiving, source, b, first) for b in batches])  # [N, T-first, D]
-            return self._run_lm_from(receiving, hidden, layer + 1, first)
+            entering: dict[int, list[torch.Tensor]] = {}
+            for b in batches:
+                entering.setdefault(b.layer + 1, []).append(self._patched_layer(receiving, source, b, first))
+            logits = self._run_lm_from(receiving, {l: torch.cat(rows) for l, rows in entering.items()}, first)
+            return logits[self._rows_in_given_order(batches)]
         if stream == "vision":
             hidden = torch.cat([self._patched_layer(receiving, source, b) for b in batches])  # [N, 1+P, Dv]
             for block in self._vision.encoder.layers[layer + 1:self.vision_layers_used]:
@@ -511,7 +516,15 @@ class LlavaAdapter(AdapterCommon):
         lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
         lm_input[:, image_start:image_start + self.num_image_tokens] = features.to(lm_input.dtype)
         start = image_start + first
-        return self._run_lm_from(receiving, lm_input[:, start:], 0, start)
+        return self._run_lm_from(receiving, {0: lm_input[:, start:]}, start)
+
+    @staticmethod
+    def _rows_in_given_order(batches: Sequence[PatchBatch]) -> torch.Tensor | slice:
+        """_run_lm_from returns rows grouped by entering layer (stable); this index puts them back."""
+        layers = [b.layer for b in batches for _ in range(len(b))]
+        if layers == sorted(layers):
+            return slice(None)
+        return torch.argsort(torch.argsort(torch.tensor(layers), stable=True))
 
     @staticmethod
     def _scatter(base: torch.Tensor, index: torch.Tensor, source: torch.Tensor, columns: torch.Tensor | None,
@@ -546,16 +559,24 @@ class LlavaAdapter(AdapterCommon):
         out = mine["layer"][start:].expand(len(batch), -1, -1).clone()
         return out.scatter_(1, (index - start)[..., None].expand(-1, -1, out.shape[-1]), rows)
 
-    def _run_lm_from(self, receiving: Trace, hidden: torch.Tensor, first_layer: int, start: int) -> torch.Tensor:
-        """Logits [N, V] from LM layers first_layer.. on positions start..T-1 (hidden [N, Q, D]); positions
-        before `start` are the receiving run's, so their cached keys and values serve as the prefix."""
-        n, q = hidden.shape[:2]
-        positions = torch.arange(start, start + q, device=hidden.device)
-        rope = self._rope(hidden, positions)
-        total = start + q
-        causal = None if q == 1 else torch.ones(q, total, dtype=torch.bool, device=hidden.device).tril(diagonal=start)
-        for l in range(first_layer, len(self._lm.layers)):
-            layer = self._lm.layers[l]
+    def _run_lm_from(self, receiving: Trace, entering: dict[int, torch.Tensor], start: int) -> torch.Tensor:
+        """Logits [N, V] of rows that enter the LM at the input of layer l (entering[l]: [n_l, Q, D], Q
+        positions start..T-1; l = number of layers: after the last), run on from there; rows come out in
+        order of l. Positions before `start` are the receiving run's: their cached keys and values serve
+        as the prefix."""
+        layers = self._lm.layers
+        q = next(iter(entering.values())).shape[1]
+        device = next(iter(entering.values())).device
+        positions = torch.arange(start, start + q, device=device)
+        rope = self._rope(entering[min(entering)], positions)
+        causal = None if q == 1 else torch.ones(q, start + q, dtype=torch.bool, device=device).tril(diagonal=start)
+        hidden = None
+        for l in range(min(entering), len(layers) + 1):
+            if l in entering:
+                hidden = entering[l] if hidden is None else torch.cat([hidden, entering[l]])
+            if l == len(layers):
+                break
+            layer, n = layers[l], hidden.shape[0]
             attn = layer.self_attn
             normed = layer.input_layernorm(hidden)
             shape = (n, q, -1, attn.head_dim)

@@ -4,9 +4,10 @@ Per pair, the clean and the corrupt run are traced once (the model's own forward
 layer's intermediates kept). A patched run equals the receiving run below the patched layer, so
 it starts there from the cached state; in the patched layer only the patched positions are
 recomputed; cross-attention keys and values of an unchanged memory (the receiving image for text
-sites, the receiving question for decoder sites) are reused. Cells that patch the same target of
-one layer go into the batch dimension of one forward; their metrics stay on the device until the
-batch is done. Two sanity checks per pair guard every shortcut (see `check_pair`).
+sites, the receiving question for decoder sites) are reused. Cells of one layer go into the batch
+dimension of one forward; where the adapter allows (a causal LM), so do cells of every layer that
+start at the same position, each row joining at the layer after its patch. Metrics stay on the
+device until the batch is done. Two sanity checks per pair guard every shortcut (see `check_pair`).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def parse_memory(text: str | int) -> int:
 
 @dataclass
 class Group:
-    """Cells that share one forward after their patched layer: same stream and layer."""
+    """Cells that share forwards after their patched layer: one stream, and one layer; or, in a stream
+    where the adapter runs several layers' patches in one call, every cell whose first patched position
+    is the same."""
 
     stream: str
-    layer: int
-    cells: list[int]  # indices into the pair's site list, sorted by target
+    layers: list[int]
+    cells: list[int]  # indices into the pair's site list, sorted by layer, then target
 
 
 def target(site: Site) -> str:
@@ -60,26 +63,34 @@ def target(site: Site) -> str:
     return site.component + (".z" if site.head is not None else "")
 
 
-def plan(sites: Sequence[Site], order: Sequence[str]) -> list[Group]:
-    """Group sites by (stream, layer), streams in model order; cells sorted by target within."""
-    groups: dict[tuple, Group] = {}
+def first_position(site: Site) -> int:
+    return 0 if site.position == ALL else int(site.position)
+
+
+def plan(sites: Sequence[Site], order: Sequence[str], cross_layer: Iterable[str] = ()) -> list[Group]:
+    """Group sites by (stream, layer), streams in model order; in `cross_layer` streams by (stream, first
+    patched position) instead, so each row reruns only the positions its patch can change."""
+    cross_layer = set(cross_layer)
+    groups: dict[tuple[int, int], Group] = {}
     for i, site in enumerate(sites):
-        groups.setdefault((order.index(site.stream), site.layer), Group(site.stream, site.layer, [])).cells.append(i)
+        key = (order.index(site.stream), first_position(site) if site.stream in cross_layer else site.layer)
+        groups.setdefault(key, Group(site.stream, [], [])).cells.append(i)
     for group in groups.values():
-        group.cells.sort(key=lambda i: (target(sites[i]), sites[i].position == ALL))
+        group.cells.sort(key=lambda i: (sites[i].layer, target(sites[i]), sites[i].position == ALL))
+        group.layers = sorted({sites[i].layer for i in group.cells})
     return [groups[key] for key in sorted(groups)]
 
 
 def make_batches(adapter: Patchable, sites: Sequence[Site], cells: Sequence[int], receiving: Trace,
                  device: torch.device) -> list[PatchBatch]:
-    """One PatchBatch per (target, one position or all) among the cells: position indices [N, K] and
-    head column masks [N, W]."""
+    """One PatchBatch per (layer, target, one position or all) among the cells, in the cells' order:
+    position indices [N, K] and head column masks [N, W]."""
     out = []
-    runs: dict[tuple[str, bool], list[Site]] = {}
+    runs: dict[tuple[int, str, bool], list[Site]] = {}
     for i in cells:
-        runs.setdefault((target(sites[i]), sites[i].position == ALL), []).append(sites[i])
-    for (name, whole), chosen in runs.items():
-        stream, layer = chosen[0].stream, chosen[0].layer
+        runs.setdefault((sites[i].layer, target(sites[i]), sites[i].position == ALL), []).append(sites[i])
+    for (layer, name, whole), chosen in runs.items():
+        stream = chosen[0].stream
         if whole:
             index = torch.arange(receiving.num_positions[stream]).expand(len(chosen), -1)
         else:
@@ -170,7 +181,7 @@ def run_cells(adapter: Patchable, cells: Sequence[Site], receiving: Trace, sourc
     device = receiving.logits.device
     out = np.zeros((len(cells), 3))
     sizes: dict[str, int] = {}
-    for group in plan(cells, list(adapter.streams)):
+    for group in plan(cells, list(adapter.streams), getattr(adapter, "cross_layer_streams", ())):
         if group.stream not in sizes:
             sizes[group.stream] = batch_size or batch_size_for(adapter, group.stream, receiving, source, max_memory)
         size = sizes[group.stream]
