@@ -5,7 +5,10 @@ Sweeps: every LM layer and query head at the answer token; every image token for
 attention output. Reports time and measured FLOPs per cell, checks both ways agree, and projects a
 llava-1.5-7b head sweep from analytic FLOPs per cell.
 
-    PYTHONPATH=src python bench/llava_patching.py [--model easyvqa-llava] [--repeats 3]
+`--geometry llava-1.5` keeps the model's widths and depths but gives it llava-1.5's token geometry:
+336 px images in 14 px patches, 576 image tokens (random-init weights: the compute is the same).
+
+    PYTHONPATH=src python bench/llava_patching.py [--model easyvqa-llava] [--geometry llava-1.5] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
@@ -90,17 +94,45 @@ def llava_7b_flops(text_tokens: int = 30) -> dict:
             "engine_cell_answer_head": statistics.mean(rerun)}
 
 
+def with_llava_15_geometry(adapter):
+    """The adapter's model rebuilt, random-init, for 336 px images in 14 px patches (576 image tokens, as
+    llava-1.5), widths, depths, tokenizer and chat template unchanged; saved and loaded like a user's."""
+    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
+
+    size, patch = 336, 14
+    config = adapter.model.config
+    config.vision_config.image_size, config.vision_config.patch_size = size, patch
+    config.image_seq_length = (size // patch) ** 2
+    config.text_config.max_position_embeddings = config.image_seq_length + 64
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    tokenizer = adapter.processor.tokenizer
+    tokenizer.model_max_length = config.text_config.max_position_embeddings
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                                     crop_size={"height": size, "width": size}),
+                               tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=adapter.processor.chat_template)
+    folder = tempfile.mkdtemp(prefix="tiny-llava-336-")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return load_model(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="easyvqa-llava")
     parser.add_argument("--repeats", type=int, default=3, help="engine timings repeated; the median is kept")
     parser.add_argument("--research-cells", type=int, default=12, help="research-way cells timed per sweep")
+    parser.add_argument("--geometry", choices=["model", "llava-1.5"], default="model",
+                        help="the model's own image size, or llava-1.5's 576 image tokens (random init)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     adapter = load_model(args.model)
+    if args.geometry == "llava-1.5":
+        adapter = with_llava_15_geometry(adapter)
     labels = easy_vqa.image_labels("test")
     first = labels[sorted(labels)[0]]
     other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
@@ -123,11 +155,11 @@ def main() -> None:
     receiving, source = adapter.trace(corrupt), adapter.trace(clean)
     trace_seconds = time.perf_counter() - started
     full_flops = flops(lambda: forward_with_hook(adapter, corrupt, None))
-    report = {"model": args.model, "tokens": int(ids.shape[0]), "image_tokens": len(image),
+    report = {"model": args.model, "geometry": args.geometry, "tokens": int(ids.shape[0]), "image_tokens": len(image),
               "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
               "full_forward_flops": full_flops, "sweeps": {}}
     for name, sites in sweeps.items():
-        groups = plan(sites, list(adapter.streams))  # the engine's own grouping and batches
+        groups = plan(sites, list(adapter.streams), adapter.cross_layer_streams)  # the engine's own grouping
         batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
         order = [i for group in groups for i in group.cells]
 
@@ -159,7 +191,7 @@ def main() -> None:
         with_processor = statistics.median(processor_times)
         research_flops = 3 * full_flops
         report["sweeps"][name] = {
-            "cells": len(sites), "research_cells_timed": len(chosen),
+            "cells": len(sites), "engine_calls": len(batches), "research_cells_timed": len(chosen),
             "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
             "engine_seconds_per_cell_with_traces": engine_cell + trace_seconds / len(sites),
             "time_ratio": research_cell_seconds / engine_cell,
