@@ -65,11 +65,17 @@ def test_notice_patch_runs_on_llava_with_image_and_text_sites(tiny_llava_dir, ti
     out = tmp_path / "run"
     # no position: every position of each pair's own prompt (the two prompts differ in length)
     result = CliRunner().invoke(app, ["patch", str(pairs_file), "--model", str(tiny_llava_dir), "--out", str(out),
-                                      "--sites", "lm.2.self_attn.head*,projector.0.layer@*"])
+                                      "--sites", "lm.2.self_attn.head*,projector.0.layer@*,lm.*.mlp@last"])
     assert result.exit_code == 0, result.output
     table = load_results(out)
     assert set(table["stream"]) == {"lm", "projector"}
     assert table["token"].str.contains("image").any()  # image-token sites are labelled as such
-    lengths = {pair_id: len(rows) for pair_id, rows in table[table["stream"] == "lm"].groupby("pair_id")}
+    mlp = table[table["component"] == "mlp"]
+    for pair in (llava_pairs["image_smp"], llava_pairs["text_str"]):  # @last: each prompt's own answer position
+        rows = mlp[mlp["pair_id"] == pair.id]
+        assert sorted(rows["layer"]) == list(range(tiny_llava.streams["lm"].layers))
+        assert set(rows["position"]) == {tiny_llava.token_length(pair.clean_prompt) - 1}
+    lm_heads = table[(table["stream"] == "lm") & (table["component"] == "self_attn")]
+    lengths = {pair_id: len(rows) for pair_id, rows in lm_heads.groupby("pair_id")}
     assert {pair_id: n // 6 for pair_id, n in lengths.items()} == {
         p.id: tiny_llava.token_length(p.clean_prompt) for p in (llava_pairs["image_smp"], llava_pairs["text_str"])}

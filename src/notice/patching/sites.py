@@ -9,7 +9,8 @@
 Components are a layer's writes into the residual stream ("self_attn", "cross_attn",
 "mlp"; each before its residual add), the layer's output ("layer"), or one head of an
 attention ("self_attn.head3": the head's slice of the values before the output projection).
-Patterns use `*` for any layer, head or position: `text.*.cross_attn.head*`.
+Patterns use `*` for any layer, head or position: `text.*.cross_attn.head*`; `@last` is each
+input's last position of the stream (a causal LM's answer token): `lm.*.self_attn.head*@last`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ALL = "all"
 _SITE_RE = re.compile(r"^(?P<stream>[a-z_]+)\.(?P<layer>\d+)\.(?P<component>[a-z_]+)"
                       r"(?:\.head(?P<head>\d+))?(?:@(?P<position>\d+|all))?$")
 _PATTERN_RE = re.compile(r"^(?P<stream>[a-z_*]+)\.(?P<layer>\d+|\*)\.(?P<component>[a-z_*]+)"
-                         r"(?:\.head(?P<head>\d+|\*))?(?:@(?P<position>\d+|all|\*))?$")
+                         r"(?:\.head(?P<head>\d+|\*))?(?:@(?P<position>\d+|all|last|\*))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -89,7 +90,8 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
                  num_positions: Mapping[str, int]) -> list[Site]:
     """Every concrete site matched by the patterns, in a stable order, without duplicates.
 
-    A pattern without `@` means every position ("@*"); `@all` means the whole stream at once.
+    A pattern without `@` means every position ("@*"); `@all` means the whole stream at once;
+    `@last` the stream's last position for this input.
     """
     out: dict[Site, None] = {}
     for pattern in patterns:
@@ -99,7 +101,7 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
         match = _PATTERN_RE.match(pattern)
         if not match:
             raise NoticeError(f"bad site pattern {pattern!r}: write stream.layer.component[.headH]@position with * "
-                              "for any, e.g. text.*.cross_attn.head*@*")
+                              "for any and 'last' for the last position, e.g. text.*.cross_attn.head*@*")
         stream_names = list(streams) if match["stream"] == "*" else [match["stream"]]
         found = False
         for stream in stream_names:
@@ -110,6 +112,7 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
             components = facts.components if match["component"] == "*" else (match["component"],)
             position_key = match["position"] or "*"
             positions: list[int | str] = (list(range(num_positions[stream])) if position_key == "*"
+                                          else [num_positions[stream] - 1] if position_key == "last"
                                           else [ALL] if position_key == ALL else [int(position_key)])
             for layer in layers:
                 for component in components:
