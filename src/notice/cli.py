@@ -238,7 +238,8 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
           model: str = ModelOption,
           sites: str = typer.Option("text.*.cross_attn.head*,text.*.mlp", "--sites",
                                     help="Comma-separated site patterns, e.g. 'text.*.cross_attn.head*,text.*.mlp'; "
-                                         "see `notice info` for a model's sites."),
+                                         "positions: a number, *, all, last or answer (e.g. "
+                                         "'lm.*.self_attn.head*@answer'); see `notice info` for a model's sites."),
           direction: str = typer.Option("denoise", help="denoise (clean into corrupt, as in the paper) or noise."),
           out: Path = typer.Option(..., "--out", help="Results folder (one Parquet shard per pair; reruns resume)."),
           max_memory: str = typer.Option("4GB", "--max-memory", help="Memory for the batched cells, e.g. 8GB."),

@@ -172,6 +172,8 @@ def test_the_engine_runs_an_answer_token_head_sweep_in_one_call(tiny_llava, runs
     last = receiving.num_positions["lm"] - 1
     sites = expand_sites([f"lm.*.self_attn.head*@{last}", f"lm.*.mlp@{last - 1}", "lm.1.layer@all"],
                          tiny_llava.streams, receiving.num_positions)
+    named = expand_sites(["lm.*.self_attn.head*@answer"], tiny_llava.streams, receiving.num_positions)
+    assert named == [s for s in sites if s.head is not None]  # the answer is read at the last prompt position
     groups = plan(sites, list(tiny_llava.streams), tiny_llava.cross_layer_streams)
     layers = list(range(tiny_llava.streams["lm"].layers))
     heads = tiny_llava.streams["lm"].heads

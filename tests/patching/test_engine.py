@@ -167,11 +167,22 @@ def test_sanity_check_raises_when_a_layer_is_skipped(tiny, tiny_pairs, monkeypat
     ("text.0.mlp@40", "text has positions 0..7"),
     ("text.0.mlp.head1", "heads exist only on attention components"),
     ("text-0-mlp", "write stream.layer.component"),
+    ("text.0.mlp@answer", "the text stream has no answer position; the answer is read in decoder"),
 ])
 def test_bad_site_names_give_one_line_errors_with_valid_choices(tiny, tiny_pairs, pattern, message):
     with pytest.raises(NoticeError, match=message) as info:
         patch_pair(tiny, tiny_pairs["image_smp"], [pattern])
     assert "\n" not in str(info.value)
+
+
+def test_last_and_answer_positions_follow_each_input(tiny):
+    counts = {"text": 5, "vision": 17, "decoder": 1}
+    assert {s.name for s in expand_sites(["text.1.mlp@last", "decoder.*.layer@answer"], tiny.streams, counts)} == {
+        "text.1.mlp@4", "decoder.0.layer@0", "decoder.1.layer@0"}
+    longer = expand_sites(["text.1.mlp@last"], tiny.streams, dict(counts, text=9))
+    assert [s.name for s in longer] == ["text.1.mlp@8"]
+    anywhere = expand_sites(["*.0.layer@answer"], tiny.streams, counts)  # only streams that read the answer
+    assert [s.name for s in anywhere] == ["decoder.0.layer@0"]
 
 
 def test_cells_of_one_layer_share_a_forward_whatever_their_target(tiny):

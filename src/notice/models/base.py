@@ -23,6 +23,7 @@ class StreamFacts:
     components: tuple[str, ...]  # patchable parts of a layer, e.g. ("layer", "self_attn", "mlp")
     positions: str  # what a position indexes: "patch", "token" or "answer"
     description: str
+    reads_answer: bool = False  # the model reads its answer logits at this stream's last position
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

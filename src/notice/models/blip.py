@@ -64,7 +64,7 @@ class BlipAdapter(AdapterCommon):
             "decoder": StreamFacts("decoder", text.num_hidden_layers, text.num_attention_heads,
                                    text.hidden_size // text.num_attention_heads, text.hidden_size,
                                    ("layer", "self_attn", "cross_attn", "mlp"), "answer",
-                                   "answer decoder; cross-attends the question tokens"),
+                                   "answer decoder; cross-attends the question tokens", reads_answer=True),
         }
 
     # ---------------------------------------------------------------- loading

@@ -86,7 +86,7 @@ class LlavaAdapter(AdapterCommon):
                               ("layer", "self_attn", "mlp"), "token",
                               f"causal language model over the prompt, image tokens included; grouped-query "
                               f"attention: {text.num_attention_heads} query heads share "
-                              f"{self.num_kv_heads} key/value heads"),
+                              f"{self.num_kv_heads} key/value heads", reads_answer=True),
         }
 
     @property

@@ -10,7 +10,8 @@ Components are a layer's writes into the residual stream ("self_attn", "cross_at
 "mlp"; each before its residual add), the layer's output ("layer"), or one head of an
 attention ("self_attn.head3": the head's slice of the values before the output projection).
 Patterns use `*` for any layer, head or position: `text.*.cross_attn.head*`; `@last` is each
-input's last position of the stream (a causal LM's answer token): `lm.*.self_attn.head*@last`.
+input's last position of the stream, and `@answer` the position the answer is read at, in the
+streams that have one (BLIP's decoder, LLaVA's language model): `lm.*.self_attn.head*@answer`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ALL = "all"
 _SITE_RE = re.compile(r"^(?P<stream>[a-z_]+)\.(?P<layer>\d+)\.(?P<component>[a-z_]+)"
                       r"(?:\.head(?P<head>\d+))?(?:@(?P<position>\d+|all))?$")
 _PATTERN_RE = re.compile(r"^(?P<stream>[a-z_*]+)\.(?P<layer>\d+|\*)\.(?P<component>[a-z_*]+)"
-                         r"(?:\.head(?P<head>\d+|\*))?(?:@(?P<position>\d+|all|last|\*))?$")
+                         r"(?:\.head(?P<head>\d+|\*))?(?:@(?P<position>\d+|all|last|answer|\*))?$")
 
 
 @dataclass(frozen=True, order=True)
@@ -91,7 +92,7 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
     """Every concrete site matched by the patterns, in a stable order, without duplicates.
 
     A pattern without `@` means every position ("@*"); `@all` means the whole stream at once;
-    `@last` the stream's last position for this input.
+    `@last` the stream's last position for this input; `@answer` the same in a stream that reads the answer.
     """
     out: dict[Site, None] = {}
     for pattern in patterns:
@@ -101,7 +102,7 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
         match = _PATTERN_RE.match(pattern)
         if not match:
             raise NoticeError(f"bad site pattern {pattern!r}: write stream.layer.component[.headH]@position with * "
-                              "for any and 'last' for the last position, e.g. text.*.cross_attn.head*@*")
+                              "for any, e.g. text.*.cross_attn.head*@* or lm.*.self_attn.head*@answer")
         stream_names = list(streams) if match["stream"] == "*" else [match["stream"]]
         found = False
         for stream in stream_names:
@@ -111,8 +112,14 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
             layers = range(facts.layers) if match["layer"] == "*" else [int(match["layer"])]
             components = facts.components if match["component"] == "*" else (match["component"],)
             position_key = match["position"] or "*"
+            if position_key == "answer" and not facts.reads_answer:
+                if match["stream"] == "*":
+                    continue
+                readers = ", ".join(name for name, f in streams.items() if f.reads_answer) or "no stream of this model"
+                raise NoticeError(f"{pattern!r}: the {stream} stream has no answer position; the answer is read in "
+                                  f"{readers}; write @last or a position number for {stream}")
             positions: list[int | str] = (list(range(num_positions[stream])) if position_key == "*"
-                                          else [num_positions[stream] - 1] if position_key == "last"
+                                          else [num_positions[stream] - 1] if position_key in ("last", "answer")
                                           else [ALL] if position_key == ALL else [int(position_key)])
             for layer in layers:
                 for component in components:
