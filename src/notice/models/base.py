@@ -7,6 +7,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
+ANSWER_SCORING = ("first_token", "sequence")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -122,6 +123,30 @@ class AdapterCommon:
             for i, row in zip(index, self.logits_from_inputs(inputs)):
                 out[i] = row
         return torch.stack(out)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def score_answers(self, images: Sequence, questions: Sequence[str], candidates: Sequence[str],
+                      scoring: str = "first_token") -> torch.Tensor:
+        """Log-probability of each candidate answer, [B, C].
+
+        "first_token": log p of the candidate's first token at the first answer step (what the
+        original research code used, silently). "sequence": the summed log p of all its tokens,
+        teacher-forced; equal to "first_token" for one-token answers."""
+        from notice.errors import NoticeError
+
+        if scoring not in ANSWER_SCORING:
+            raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
+        candidate_ids = [self.answer_token_ids(c) for c in candidates]
+        scores = torch.empty(len(questions), len(candidates))
+        for index in self.batches_by_length(questions, self.answer_batch_size):
+            context = self.answer_context(self.prepare([images[i] for i in index], [questions[i] for i in index]))
+            for c, ids in enumerate(candidate_ids):
+                use = ids[:1] if scoring == "first_token" else ids
+                prefix = torch.tensor([use[:-1]] * len(index), dtype=torch.long, device=self.device)
+                logp = torch.log_softmax(self.answer_step_logits(context, prefix).float(), dim=-1)  # [B, len(use), V]
+                target = torch.tensor(use, device=self.device)
+                scores[index, c] = logp[:, torch.arange(len(use)), target].sum(dim=1).cpu()
+        return scores
 
     def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
         """Positions of the question tokenized alone (as pairs store STR and text-noise sites) in

@@ -23,7 +23,6 @@ from PIL import Image
 from notice.errors import NoticeError
 from notice.models.base import AdapterCommon, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
-ANSWER_SCORING = ("first_token", "sequence")
 
 
 @dataclass
@@ -162,31 +161,15 @@ class BlipAdapter(AdapterCommon):
         question_states = self.encode_question(inputs.input_ids, inputs.attention_mask, image_states)
         return self.decode(question_states, inputs.attention_mask)[:, 0].float()
 
-    @torch.no_grad()
-    def score_answers(self, images: Sequence[Image.Image], questions: Sequence[str],
-                      candidates: Sequence[str], scoring: str = "first_token") -> torch.Tensor:
-        """Log-probability of each candidate answer, [B, C].
+    def answer_context(self, inputs: BlipInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every answer step of these inputs reads: question states and their mask."""
+        image_states = self.encode_image(inputs.pixel_values)
+        return self.encode_question(inputs.input_ids, inputs.attention_mask, image_states), inputs.attention_mask
 
-        "first_token": log p of the candidate's first wordpiece at the first answer step
-        (what the original research code used, silently). "sequence": the summed log p of
-        all its wordpieces, teacher-forced; equal to "first_token" for one-wordpiece answers.
-        """
-        if scoring not in ANSWER_SCORING:
-            raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
-        candidate_ids = [self.answer_token_ids(c) for c in candidates]
-        scores = torch.empty(len(questions), len(candidates))
-        for index in self.batches_by_length(questions, 64):
-            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
-            image_states = self.encode_image(inputs.pixel_values)
-            question_states = self.encode_question(inputs.input_ids, inputs.attention_mask, image_states)
-            for c, ids in enumerate(candidate_ids):
-                use = ids[:1] if scoring == "first_token" else ids
-                prefix = torch.tensor([use[:-1]] * len(index), dtype=torch.long, device=self.device)
-                logits = self.decode(question_states, inputs.attention_mask, prefix if prefix.shape[1] else None)
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                target = torch.tensor(use, device=self.device)
-                scores[index, c] = logp[:, torch.arange(len(use)), target].sum(dim=1).cpu()
-        return scores
+    def answer_step_logits(self, context: tuple[torch.Tensor, torch.Tensor], prefix: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1 + K, V] of the answer steps after [DEC] and a teacher-forced prefix [B, K]."""
+        question_states, attention_mask = context
+        return self.decode(question_states, attention_mask, prefix if prefix.shape[1] else None)
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8,

@@ -27,7 +27,6 @@ from PIL import Image
 from notice.errors import NoticeError
 from notice.models.base import AdapterCommon, PatchBatch, Run, StreamFacts, Trace, resolve_dtype
 
-ANSWER_SCORING = ("first_token", "sequence")
 
 
 @dataclass
@@ -250,28 +249,15 @@ class LlavaAdapter(AdapterCommon):
         features = self.encode_image(image_embeddings=image_embeddings)
         return self.run_lm(self.merge(inputs.input_ids, token_embeddings, features)).float()
 
-    @torch.no_grad()
-    def score_answers(self, images: Sequence[Image.Image], questions: Sequence[str],
-                      candidates: Sequence[str], scoring: str = "first_token") -> torch.Tensor:
-        """Log-probability of each candidate answer, [B, C]: its first token ("first_token") or all its
-        tokens teacher-forced after the prompt ("sequence"); equal for one-token answers."""
-        if scoring not in ANSWER_SCORING:
-            raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
-        candidate_ids = [self.answer_token_ids(c) for c in candidates]
-        scores = torch.empty(len(questions), len(candidates))
-        for index in self.batches_by_length(questions, 16):
-            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
-            prompt = self.merge(inputs.input_ids, self.embed_question(inputs.input_ids),
-                                self.encode_image(inputs.pixel_values))  # [B, T, D]
-            for c, ids in enumerate(candidate_ids):
-                use = ids[:1] if scoring == "first_token" else ids
-                answer = torch.tensor([use[:-1]] * len(index), dtype=torch.long, device=self.device)
-                embeds = torch.cat([prompt, self.embed_question(answer)], dim=1)
-                hidden = self._lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
-                logp = torch.log_softmax(self.model.lm_head(hidden[:, -len(use):]).float(), dim=-1)
-                target = torch.tensor(use, device=self.device)
-                scores[index, c] = logp[:, torch.arange(len(use)), target].sum(dim=1).cpu()
-        return scores
+    def answer_context(self, inputs: LlavaInputs) -> torch.Tensor:
+        """What every answer step of these inputs reads: the prompt's embeddings [B, T, D]."""
+        return self.merge(inputs.input_ids, self.embed_question(inputs.input_ids), self.encode_image(inputs.pixel_values))
+
+    def answer_step_logits(self, prompt: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1 + K, V] of the answer steps after the prompt and a teacher-forced prefix [B, K]."""
+        embeds = torch.cat([prompt, self.embed_question(prefix)], dim=1)
+        hidden = self._lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden[:, -(prefix.shape[1] + 1):])
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8,
