@@ -167,7 +167,7 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
           skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad rows, images and folders "
                                                                   "instead of stopping.")) -> None:
     """Make clean/corrupt pairs of a task: SMP images, STR prompts and Gaussian-noise baselines."""
-    from notice.corrupt.text import load_tokenizer
+    from notice.models import load_tokenizer
     from notice.tasks import build_pairs
 
     try:
@@ -297,20 +297,39 @@ def run(config: Path = typer.Argument(..., help="Run config (YAML): model, tasks
     console.print(f"report: {page}")
 
 
+@app.command("head-functions")
+def head_functions(pairs: Path = typer.Argument(..., help="Selected pairs file (Parquet): their clean inputs are measured."),
+                   out: Path = typer.Option(..., "--out", help="Folder of the head-function tables."),
+                   model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
+                   limit: Optional[int] = typer.Option(None, help="Only the first N pairs.")) -> None:
+    """What heads do: each head's attention to the image against the object masks, as tables for the report."""
+    from notice.analysis.head_functions import write_head_functions
+    from notice.models import load_model
+    from notice.pairs import read_pairs
+
+    try:
+        records = read_pairs(pairs)[:limit]
+        adapter = load_model(model, device=device, dtype=dtype)
+        folder = write_head_functions(adapter, records, out)
+    except NoticeError as error:
+        _fail(error)
+    console.print(f"head functions of {len(records)} clean inputs in {folder}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def report(results: Path = typer.Argument(..., help="A run folder of `notice run`/`demo`, or a `notice patch` output."),
            out: Path = typer.Option(..., help="Folder of the HTML report."),
-           model: Optional[str] = typer.Option(None, "--model", "-m",
-                                               help="Model for head-function figures (default: the one patched)."),
-           pairs: Optional[list[Path]] = typer.Option(None, help="Selected pairs files (images and masks)."),
+           pairs: Optional[list[Path]] = typer.Option(None, help="Selected pairs files (images for the overlays)."),
+           head_functions: Optional[Path] = typer.Option(None, "--head-functions",
+                                                         help="Folder written by `notice head-functions`."),
            title: str = typer.Option("notice report", help="Report title."),
            min_conditions: Optional[int] = typer.Option(None, help="Universal: important in at least k conditions."),
            top_k: int = typer.Option(10, help="Heads listed per condition.")) -> None:
-    """Heatmaps, ranked and universal heads, head functions: a static HTML report."""
+    """Heatmaps, ranked and universal heads, head functions: a static HTML report (reads tables only)."""
     from notice.report.build import report_from_folder
 
     try:
-        page = report_from_folder(results, out, model=model, pairs_files=pairs or [], title=title,
+        page = report_from_folder(results, out, pairs_files=pairs or [], head_functions=head_functions, title=title,
                                   min_conditions=min_conditions, top_k=top_k)
     except NoticeError as error:
         _fail(error)

@@ -146,8 +146,9 @@ def run_steps(config: RunConfig, console):
 
     from notice.models import load_model
     from notice.pairs import read_pairs
-    from notice.report.build import ModelResults, selection_row
-    from notice.select import select_pairs, selection_report_path, write_selection
+    from notice.analysis.head_functions import read_head_functions, write_head_functions
+    from notice.report.build import ModelResults
+    from notice.select import select_pairs, selection_report_path, selection_row, write_selection
     from notice.store import load_results
     from notice.tasks import build_pairs
 
@@ -175,7 +176,11 @@ def run_steps(config: RunConfig, console):
         console.print(f"{config.model}: selected {len(selected)} pairs ("
                       + ", ".join(f"{task} {s['kept']}" for task, s in selection_reports.items()) + ")")
         results = patch_all(adapter, selected, config, progress)
-    return ModelResults(config.model, load_results(results), adapter, selected, selection_reports)
+    functions = read_head_functions(out / "head_functions")
+    if functions is None:
+        console.print(f"{config.model}: head functions on {len(selected)} clean inputs")
+        functions = read_head_functions(write_head_functions(adapter, selected, out / "head_functions"))
+    return ModelResults(config.model, load_results(results), functions, selected, selection_reports)
 
 
 def patch_all(adapter, pairs, config: RunConfig, progress) -> Path:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import helpers
+from notice.analysis.head_functions import read_head_functions, write_head_functions
 from notice.pairs import Pair
 from notice.report.build import ModelResults, make_report
 from results_fixtures import synthetic_table
@@ -34,7 +35,8 @@ def report_dir(tmp_path_factory, tiny_blip):
     folder = tmp_path_factory.mktemp("report")
     table = synthetic_table({"color/image": [(1, 1)], "color/text": [(1, 1), (0, 2)]}, layers=2, heads=4)
     pairs = _pairs_with_masks(folder)
-    make_report([ModelResults("tiny", table, tiny_blip, pairs, {"pairs.parquet": {"kept": 2, "dropped: clean_wrong": 3}})],
+    functions = read_head_functions(write_head_functions(tiny_blip, pairs, folder / "head_functions"))
+    make_report([ModelResults("tiny", table, functions, pairs, {"pairs.parquet": {"kept": 2, "dropped: clean_wrong": 3}})],
                 folder / "out", "test report")
     return folder / "out"
 

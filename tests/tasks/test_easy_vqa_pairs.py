@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from notice.corrupt.image import load_mask
+from notice.io import load_mask
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
 from notice.tasks.easy_vqa import pixel_color

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from notice.errors import NoticeError
@@ -25,25 +24,6 @@ class Replacement:
     positions: list[int]  # token positions (special tokens included) that differ from the clean prompt
     replaced: str  # the clean word
     replacement: str  # the contrast word
-
-
-def load_tokenizer(model: str):
-    """The fast tokenizer of an embedded model name, a saved folder or a hub id (offsets are needed)."""
-    from transformers import AutoTokenizer
-
-    from notice.models import EMBEDDED
-
-    source = str(EMBEDDED.get(model, model))
-    if model in EMBEDDED and not Path(source).is_dir():
-        raise NoticeError(f"embedded model {model!r} is missing from {source}; pass --model FOLDER or reinstall notice")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as error:  # offline hub, unknown id, folder without tokenizer files
-        raise NoticeError(f"cannot load the tokenizer of {model!r} ({error.__class__.__name__}); "
-                          "pass --model with a folder written by save_pretrained or a reachable hub id") from error
-    if not getattr(tokenizer, "is_fast", False):
-        raise NoticeError(f"the tokenizer of {model!r} is not a fast tokenizer; STR needs token offsets")
-    return tokenizer
 
 
 def word_span(prompt: str, word: str, after: int = 0) -> tuple[int, int]:

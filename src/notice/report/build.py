@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
 from notice.analysis.universal import rank_by_condition, universal_heads
+from notice.errors import NoticeError
+from notice.io import load_image
 from notice.pairs import Pair
 from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
 from notice.report.html import Report, Section, figure_html, table_html, write_report
@@ -32,12 +34,6 @@ def position_labels(table: pd.DataFrame, positions: Sequence[int]) -> list[str]:
         else:
             labels.append(str(position))
     return labels
-
-
-def selection_row(report: dict) -> dict:
-    """One row of counts from a selection report: pairs in, kept, and dropped by each filter."""
-    return {"input": report["input"], "kept": report["kept"],
-            **{f"dropped: {name}": count for name, count in report["dropped"].items()}}
 
 
 def _slug(text: str) -> str:
@@ -94,11 +90,12 @@ def focus_of(table: pd.DataFrame) -> tuple[str, str]:
 
 @dataclass
 class ModelResults:
-    """One model's part of a report: its results table and, for head functions, adapter and pairs."""
+    """One model's part of a report: its results table, the head-function tables and the pairs whose
+    images the overlays show, and the selection counts."""
 
     name: str
     table: pd.DataFrame
-    adapter: Any = None
+    head_functions: hf.HeadFunctions | None = None
     pairs: Sequence[Pair] = ()
     selection: dict[str, dict] = field(default_factory=dict)
 
@@ -128,10 +125,10 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
             f"in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
             + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
             + _top_k_universal(rankings, min_conditions, universal_top_k))))
-        if model.adapter is not None and model.pairs:
+        if model.head_functions is not None:
             heads = _focus_heads(universal, rankings)
-            sections.append(head_function_section(model.adapter, model.pairs, heads, out_dir, overlays_per_head,
-                                                  prefix))
+            sections.append(head_function_section(model.head_functions, model.pairs, heads, out_dir,
+                                                  overlays_per_head, prefix))
     if len(models) > 1:
         sections.append(comparison_section(universals, top_k=5))
     summary = {"models": ", ".join(m.name for m in models),
@@ -195,58 +192,69 @@ def _focus_heads(universal: pd.DataFrame, rankings: dict[str, pd.DataFrame]) -> 
     return list(heads)[:8]
 
 
-def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int, int]], out_dir: Path,
-                          overlays_per_head: int, prefix: str = "") -> Section:
-    samples = hf.collect(adapter, pairs)
-    measures = hf.summarize_head_functions(hf.head_function_table(samples))
+def head_function_section(functions: hf.HeadFunctions, pairs: Sequence[Pair], focus: list[tuple[int, int]],
+                          out_dir: Path, overlays_per_head: int, prefix: str = "") -> Section:
+    measures = hf.summarize_head_functions(functions.table)
     measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
     focused = measures.set_index(["layer", "head"]).loc[[h for h in focus if h in set(
         zip(measures["layer"], measures["head"]))]].reset_index() if focus else measures.head(0)
-    body = ('<p class="note">Attention from the query token (BLIP: the answer word in the question; LLaVA: the '
-            "last prompt token, where the answer is read out) to the image patches, averaged over the selected "
-            "clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of the "
-            "top-attended patches with the mask (implicit segmentation); object_inhibition: mass on the object "
+    facts = functions.facts
+    body = (f'<p class="note">Attention of the {facts["stream"]} stream\'s {COMPONENT_TITLES[facts["component"]]} '
+            "heads from the query token (BLIP: the answer word in the question; an image-token LM: the last prompt "
+            "token, where the answer is read out) to the image patches, averaged over "
+            f"{facts['samples']} selected clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of "
+            "the top-attended patches with the mask (implicit segmentation); object_inhibition: mass on the object "
             "minus the average head's (negative: looks away); outlier_inhibition: mass on high-norm outlier "
             "patches minus the average head's.</p>")
     body += "<h3>Heads in focus</h3>" + (table_html(focused) if not focused.empty else "<p>None.</p>")
     strongest = measures.dropna(subset=["mask_iou"]).sort_values("mask_iou", ascending=False).head(5)
     if not strongest.empty:
         body += "<h3>Best implicit segmenters (highest mask IoU)</h3>" + table_html(strongest)
+    images = {p.id: p.clean_image for p in pairs}
+    shown = [pair_id for pair_id in dict.fromkeys(functions.maps["pair_id"]) if pair_id in images][:overlays_per_head]
     figures = []
     for layer, head in focus:
-        for sample in samples[:overlays_per_head]:
-            target = out_dir / "figures" / f"overlay-{_slug(prefix + sample.pair_id)}-L{layer}H{head}.png"
-            attention_overlay(sample.image, hf.relative_map(sample, layer, head),
+        for pair_id in shown:
+            target = out_dir / "figures" / f"overlay-{_slug(prefix + pair_id)}-L{layer}H{head}.png"
+            attention_overlay(load_image(images[pair_id]), hf.relative_map(functions.maps, pair_id, layer, head),
                               f"{head_name(layer, head)} minus average head", target)
-            figures.append(figure_html(f"figures/{target.name}", f"{sample.pair_id}: {head_name(layer, head)}"))
+            figures.append(figure_html(f"figures/{target.name}", f"{pair_id}: {head_name(layer, head)}"))
     if figures:
         body += "<h3>Attention overlays</h3><div class=\"figures\">" + "".join(figures) + "</div>"
     return Section(f"{prefix}What the heads do", body)
 
 
-def report_from_folder(results: Path, out: Path, model: str | None = None, pairs_files: Sequence[Path] = (),
+def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (), head_functions: Path | None = None,
                        title: str = "notice report", min_conditions: int | None = None, top_k: int = 10) -> Path:
-    """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder."""
+    """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder; head
+    functions from a `notice head-functions` folder (a run folder has its own)."""
     import json
 
-    from notice.models import load_model
     from notice.pairs import read_pairs
+    from notice.select import selection_row
     from notice.store import load_results
 
     results = Path(results)
     run_config = results / "config.json"
     selection: dict[str, dict] = {}
+    name = None
     if run_config.is_file() and (results / "results").is_dir():  # a pipeline run folder
-        config = json.loads(run_config.read_text())
-        model = model or config["model"]
+        name = json.loads(run_config.read_text())["model"]
         pairs_files = list(pairs_files) or sorted((results / "selected").glob("*.parquet"))
         for path in sorted((results / "selected").glob("*.selection.json")):
             selection[path.name.split(".")[0]] = selection_row(json.loads(path.read_text()))
+        functions = hf.read_head_functions(results / "head_functions")
         results = results / "results"
+    else:
+        functions = None
+    if head_functions is not None:
+        functions = hf.read_head_functions(head_functions)
+        if functions is None:
+            raise NoticeError(f"{head_functions} holds no head-function tables: write them with "
+                              "`notice head-functions PAIRS --out FOLDER`")
     table = load_results(results)
-    if model is None and "model" in table and table["model"].nunique() == 1:
-        model = str(table["model"].iloc[0])
-    adapter = load_model(model) if model and pairs_files else None
+    if name is None and "model" in table and table["model"].nunique() == 1:
+        name = str(table["model"].iloc[0])
     pairs = [p for f in pairs_files for p in read_pairs(f)]
-    return make_report([ModelResults(model or "unknown", table, adapter, pairs, selection)], out, title,
+    return make_report([ModelResults(name or "unknown", table, functions, pairs, selection)], out, title,
                        min_conditions=min_conditions, top_k=top_k)

@@ -211,8 +211,8 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
 
     kind "color": the same picture with the shape recoloured; kind "shape": a different shape
     drawn in the same box and colour. Coverage masks of both objects are saved as PNG."""
-    from notice.corrupt.image import recolor, redraw, save_mask
-    from notice.io import load_image
+    from notice.io import load_image, save_mask
+    from notice.tasks.shape_edits import recolor, redraw
     from notice.tasks.common import Sample, choice_order, steps
 
     if kind not in ("color", "shape"):
