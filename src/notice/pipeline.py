@@ -190,7 +190,7 @@ def run_steps(config: RunConfig, console):
                 build_pairs(spec.task, pairs_file, adapter.tokenizer, data=spec.data, split=spec.split,
                             seed=config.seed, corruptions=spec.corruptions, limit=spec.limit, progress=progress,
                             budget=budget)
-            _record_config(config)  # with the first finished step: the folder is a run folder from then on
+            _record_config(config)  # once a step has finished: from then on the folder is a run folder
             kept_file = out / "selected" / f"{spec.task}.parquet"
             if not kept_file.is_file():
                 selection = select_pairs(adapter, read_pairs(pairs_file), threshold=config.threshold,
@@ -209,10 +209,8 @@ def run_steps(config: RunConfig, console):
 def _record_config(config: RunConfig) -> None:
     from notice.io import atomic_path
 
-    path = config.out / "config.json"
-    if not path.is_file():
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(_as_json(config), indent=2) + "\n")
+    with atomic_path(config.out / "config.json") as tmp:
+        tmp.write_text(json.dumps(_as_json(config), indent=2) + "\n")
 
 
 def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence[Path] = ()) -> Path:
