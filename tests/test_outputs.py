@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -73,15 +74,22 @@ def test_pairs_files_carry_what_made_them_through_selection(run):
     assert selected["seed"] == 3 and selected["selection"]["balance"] is False
 
 
-def test_a_rerun_on_other_pairs_is_refused_not_mixed_in(run, tmp_path):
+def test_pairs_of_another_seed_are_refused_and_more_pairs_are_recorded(run, tmp_path):
     other = tmp_path / "other.parquet"
     made = runner.invoke(app, ["pairs", "easyvqa-color", "--out", str(other), "--limit", "4", "--seed", "4",
                                "--corruptions", "image_smp"])
     assert made.exit_code == 0, made.output
-    before = sorted((run / "results").rglob("*"))
-    result = runner.invoke(app, ["patch", str(other), "--out", str(run / "results"), "--sites", "text.0.mlp@all"])
-    assert result.exit_code == 2 and "(pairs, seed differ)" in result.stderr
-    assert sorted((run / "results").rglob("*")) == before
-    again = runner.invoke(app, ["patch", str(run / "selected.parquet"), "--out", str(run / "results"),
-                                "--sites", "text.0.mlp@all"])
-    assert again.exit_code == 0 and "0 pairs patched" in again.output  # the same pairs resume
+    results = run / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    refused = runner.invoke(app, ["patch", str(other), "--out", str(results), "--sites", "text.0.mlp@all"])
+    assert refused.exit_code == 2 and "(seed differ)" in refused.stderr  # same pair ids, other partners
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    same = runner.invoke(app, ["patch", str(run / "selected.parquet"), "--out", str(results), "--sites",
+                               "text.0.mlp@all"])
+    assert same.exit_code == 0 and "0 pairs patched" in same.output  # the same pairs resume
+    assert (results / "run.json").stat().st_mtime_ns == before[results / "run.json"]
+    more = runner.invoke(app, ["patch", str(run / "pairs.parquet"), "--out", str(results), "--sites",
+                               "text.0.mlp@all"])  # the unselected pairs of the same build: more pairs join
+    assert more.exit_code == 0, more.output
+    recorded = json.loads((results / "run.json").read_text())["pairs"]
+    assert [Path(r["file"]).name for r in recorded] == ["selected.parquet", "pairs.parquet"]

@@ -126,7 +126,7 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
     if out is None and not top.get("out"):
         raise NoticeError(f"{source}: say where results go with out: FOLDER (or --out)")
     target = Path(out) if out is not None else (base / top["out"]).resolve()
-    check.output_folder(f"--out" if out is not None else f"{source}: out", target)
+    check.output_folder("--out" if out is not None else f"{source}: out", target)
     return RunConfig(out=target, tasks=specs, **flat)
 
 

@@ -1,10 +1,11 @@
 """The results table on disk: one Parquet shard per sample (pair), written whole or not at all.
 
 A sweep writes `run.json` (what was asked: model, sites, direction, dtype; and where it came from:
-notice version, seed, pairs files and their hashes) and `shards/*.parquet`, both with the first
-finished pair, so a sweep that fails before it leaves nothing behind. A rerun with the same settings
-and pairs skips every pair that has its shard, so a killed sweep loses at most the pair in flight;
-a rerun with other settings or other pairs is refused rather than mixed in.
+notice version, the pairs' seed, every pairs file that fed it with its hash) and `shards/*.parquet`,
+both with the first finished pair, so a sweep that fails before it leaves nothing behind. A rerun
+with the same settings skips every pair that has its shard, so a killed sweep loses at most the pair
+in flight; a rerun with other settings, or with pairs made with another seed (the same pair ids,
+other partners), is refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from notice.errors import NoticeError
 from notice.io import atomic_path
 
 MANIFEST = "run.json"
-RECORDED_ONLY = ("version",)  # kept for the record; a newer notice may resume an older sweep
+RECORDED_ONLY = ("version", "pairs")  # for the record: a newer notice, or more pairs, may join a sweep
 
 
 def file_record(path: str | Path) -> dict[str, str]:
@@ -36,16 +37,17 @@ def file_record(path: str | Path) -> dict[str, str]:
 
 
 def _differences(found: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
-    """Keys whose values disagree; a key one side lacks or leaves empty (older run.json files, library
-    calls without provenance) is not held against the other. Pairs files compare by content, not path."""
-    changed = []
-    for key in sorted(set(found) & set(manifest) - set(RECORDED_ONLY)):
-        a, b = found[key], manifest[key]
-        if key == "pairs" and a and b:
-            a, b = sorted(f["sha256"] for f in a), sorted(f["sha256"] for f in b)
-        if a is not None and b is not None and a != b:
-            changed.append(key)
-    return changed
+    """Settings whose values disagree; a key one side lacks or leaves empty (older run.json files,
+    library calls without provenance) is not held against the other."""
+    keys = set(found) & set(manifest) - set(RECORDED_ONLY)
+    return sorted(k for k in keys if None not in (found[k], manifest[k]) and found[k] != manifest[k])
+
+
+def _merged(found: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's own record, with the pairs files of this run added to those of earlier ones."""
+    pairs = list(found.get("pairs") or [])
+    pairs += [record for record in manifest.get("pairs") or [] if record not in pairs]
+    return {**manifest, **found, "pairs": pairs}
 
 
 class ResultStore:
@@ -59,12 +61,15 @@ class ResultStore:
             raise NoticeError(f"results folder {self.folder} is a file: give a folder path")
         path = self.folder / MANIFEST
         self.started = path.is_file()
+        self.unrecorded = True  # run.json to (re)write with the next shard
         if self.started:
             found = json.loads(path.read_text())
             changed = _differences(found, self.manifest)
             if changed:
                 raise NoticeError(f"{self.folder} holds results of another sweep ({', '.join(changed)} differ); "
                                   "use a new --out folder or delete this one")
+            self.manifest = _merged(found, self.manifest)
+            self.unrecorded = self.manifest != found
 
     def shard(self, pair_id: str) -> Path:
         return self.shards / shard_name(pair_id)
@@ -73,11 +78,11 @@ class ResultStore:
         return self.shard(pair_id).is_file()
 
     def write(self, pair_id: str, frame: pd.DataFrame) -> Path:
-        if not self.started:  # the first finished pair starts the folder
+        if self.unrecorded:  # the first finished pair starts the folder, or adds its pairs file to the record
             self.shards.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.folder / MANIFEST) as tmp:
                 tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
-            self.started = True
+            self.started, self.unrecorded = True, False
         path = self.shard(pair_id)
         with atomic_path(path) as tmp:
             frame.to_parquet(tmp, index=False)
