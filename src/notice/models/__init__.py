@@ -76,14 +76,14 @@ def resolve_model(name: str) -> str:
     choices = _choices(name)
     if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.fullmatch(name):
         raise NoticeError(f"model {name!r} is not a folder written by save_pretrained nor a hub id; {choices}")
-    cached = _cached_snapshot(name)
-    if cached is not None and not hub_reachable():
-        return cached
-    if cached is None and not hub_reachable():
+    if hub_reachable():
+        return name
+    cached = _cached_snapshot(name)  # downloaded before: read it without asking the hub
+    if cached is None:
         raise NoticeError(f"model {name!r} is not an embedded name nor a local folder, and the hub cannot be "
                           f"reached to fetch it ({_hub_address()}); {choices}, or pass a folder written by "
                           "save_pretrained")
-    return name
+    return cached
 
 
 def _cached_snapshot(repo_id: str) -> str | None:
