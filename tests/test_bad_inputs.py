@@ -58,6 +58,9 @@ def workspace(tmp_path_factory) -> Path:
     long = pairs[0].__class__(**{**pairs[0].__dict__, "id": "long/0", "clean_prompt": LONG_QUESTION,
                                  "corrupt_prompt": LONG_QUESTION, "correct": "red", "incorrect": "blue"})
     write_pairs([pairs[0], long], root / "long-prompt.parquet")
+    uneven = pairs[0].__class__(**{**pairs[0].__dict__, "id": "uneven/0", "corruption": "text_str",
+                                   "corrupt_prompt": pairs[0].clean_prompt.replace("shape", "purplish shape")})
+    write_pairs([uneven], root / "uneven.parquet")  # as if made under another model's tokenizer
     (root / "not-parquet.parquet").write_text("id,task\n1,2\n")
     (root / "file.txt").write_text("a file where a folder belongs\n")
     helpers.shape_image(64).save(root / "image.png")
@@ -118,6 +121,7 @@ ROWS = [
     (["pairs", "facial-expressions", "--data", "{w}/fer", "--out", "{w}/fer.parquet"], "more than the 32"),
     (["ask", "{w}/image.png", LONG_QUESTION], "more than the 32"),
     (["patch", "{w}/long-prompt.parquet", "--out", "{w}/res", "--sites", "text.0.mlp"], "pair long/0 (row 2)"),
+    (["patch", "{w}/uneven.parquet", "--out", "{w}/res", "--sites", "text.0.mlp"], "a pair needs one length"),
     # ranges and empty choices
     (["ask", "{w}/image.png", "what color is the shape?", "--top", "-3"], "--top must be at least 1, not -3"),
     (["ask", "{w}/image.png", "what color is the shape?", "--top", "0"], "--top must be at least 1, not 0"),

@@ -193,15 +193,21 @@ FIX_PAIRS = "run `notice select` with this model (it drops such pairs) or shorte
 
 
 def prompts_fit(adapter, inputs: Sequence, fix: str = FIX_PAIRS) -> None:
-    """Every question or pair (both prompts) fits the positions the model reads; else one line naming
-    the first that does not, and `fix` (selection drops such pairs; patching needs every pair readable)."""
+    """Every question, or pair (both prompts, of one length), fits the positions the model reads; else
+    one line naming the first that does not, and `fix` (selection drops pairs too long; patching needs
+    every pair readable, so it checks them all before the first result is written)."""
     from notice.models import PromptBudget
 
     budget = PromptBudget.of(adapter)
     for row, item in enumerate(inputs, start=1):
         prompts = [item] if isinstance(item, str) else [item.clean_prompt, item.corrupt_prompt]
+        where = "" if isinstance(item, str) else f"pair {item.id} (row {row}): "
         for prompt in prompts:
             length = budget.excess(prompt)
             if length is not None:
-                where = "" if isinstance(item, str) else f"pair {item.id} (row {row}): "
                 raise NoticeError(f"{where}{budget.describe(prompt, length)}; {fix}")
+        lengths = {budget.length(prompt) for prompt in prompts}
+        if len(lengths) > 1:
+            raise NoticeError(f"{where}its clean and corrupt prompts are {' and '.join(map(str, sorted(lengths)))} "
+                              f"tokens for {budget.model}; a pair needs one length: make the pairs with "
+                              f"--model {budget.model}")
