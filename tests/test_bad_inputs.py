@@ -113,7 +113,7 @@ ROWS = [
     (["run", "{w}/configs/out-is-file.yaml"], "file.txt is a file"),
     (["run", "{w}/configs/no-such.yaml"], "config not found"),
     # report
-    (["report", "{w}/results", "--out", "{w}/report", "--min-conditions", "5"], "hold 1 condition(s)"),
+    (["report", "{w}/results", "--out", "{w}/report", "--min-conditions", "5"], "min_conditions 5 is not within the 1 condition(s)"),
     (["report", "{w}/results", "--out", "{w}/report", "--top-k", "0"], "--top-k must be at least 1"),
     (["report", "{w}/no-results", "--out", "{w}/report"], "no-results: folder not found"),
     (["report", "{w}/results", "--out", "{w}/report", "--pairs", "{w}/nope.parquet"], "nope.parquet: file not found"),
@@ -262,3 +262,19 @@ def test_a_failed_report_leaves_the_existing_report_as_it_was(workspace, tmp_pat
                                  "--min-conditions", "2"])
     assert failed.exit_code == 2
     assert {p: p.stat().st_mtime_ns for p in (copy / "report").rglob("*")} == stamps
+
+
+def test_ctrl_c_during_run_keeps_finished_steps_and_says_so(tmp_path, monkeypatch):
+    from notice.patching import engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = tmp_path / "run.yaml"
+    config.write_text("tasks: [{task: easyvqa-color, limit: 8}]\nout: run\npatch: {sites: [text.0.mlp@all]}\n")
+    monkeypatch.setattr(engine, "patch_pair", interrupted)
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 130
+    assert result.stderr.rstrip("\n") == (f"interrupted: finished steps and 0 patched pair(s) are kept in "
+                                          f"{tmp_path / 'run'}; rerun the same command to resume")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "pairs", "selected"}

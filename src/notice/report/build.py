@@ -114,8 +114,8 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
     for model in models:
         count = len(condition_names(model.table, *focus_of(model.table)))
         if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
-            raise NoticeError(f"--min-conditions {min_conditions}: the results of {model.name} hold {count} "
-                              f"condition(s) with heads; use 1..{max(count, 1)} or leave it out (all)")
+            raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
+                              f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
     with staged_folder(out_dir) as stage:
         _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed)
     return Path(out_dir) / "index.html"
