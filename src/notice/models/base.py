@@ -203,13 +203,32 @@ class ModelAdapter(ABC):
         """Load the unmodified transformers model and processor from a hub id or a saved folder."""
 
     @classmethod
-    def prompt_limit(cls, config: dict) -> int | None:
-        """The longest prompt (in tokens, image tokens included) a checkpoint's config.json allows."""
-        return (config.get("text_config") or config).get("max_position_embeddings")
+    @abstractmethod
+    def load_processor(cls, source: str | Path):
+        """The checkpoint's processor (tokenizer and image processor)."""
+
+    @classmethod
+    @abstractmethod
+    def prompt_ids(cls, processor, question: str) -> list[int]:
+        """The ids the model's text stream reads for a question: its whole prompt, image tokens expanded."""
+
+    @classmethod
+    def prompt_limit(cls, config) -> int:
+        """The most positions a prompt may take (image tokens, template and question together)."""
+        return int(getattr(config, "text_config", config).max_position_embeddings)
+
+    @classmethod
+    def prompt_budget(cls, source: str | Path) -> tuple[int, Callable[[str], int]]:
+        """(prompt_limit, question → prompt length) from the config and processor alone, without weights."""
+        from transformers import AutoConfig
+
+        processor = cls.load_processor(source)
+        return cls.prompt_limit(AutoConfig.from_pretrained(str(source))), lambda q: len(cls.prompt_ids(processor, q))
 
     @property
-    def max_prompt_tokens(self) -> int | None:
-        return self.prompt_limit(self.model.config.to_dict())
+    def max_prompt_tokens(self) -> int:
+        """The most positions a prompt may take (`token_length`); longer ones are refused at the boundary."""
+        return self.prompt_limit(self.model.config)
 
     @property
     def device(self) -> torch.device:
@@ -231,12 +250,18 @@ class ModelAdapter(ABC):
         """Row `row` of prepared inputs, as a batch of one."""
         return type(inputs)({key: value[row:row + 1] for key, value in inputs.items()})
 
-    @abstractmethod
+    def _prompt_ids(self, question: str) -> list[int]:
+        known = self.__dict__.setdefault("_known_prompts", {})  # batching asks for them often
+        if question not in known:
+            known[question] = self.prompt_ids(self.processor, question)
+        return known[question]
+
     def tokenize(self, question: str) -> list[str]:
-        """The tokens of a question's whole prompt as the model's text stream sees them."""
+        """The tokens of a question's whole prompt as the model's text stream sees them (its positions)."""
+        return self.tokenizer.convert_ids_to_tokens(self._prompt_ids(question))
 
     def token_length(self, question: str) -> int:
-        return len(self.tokenize(question))
+        return len(self._prompt_ids(question))
 
     def answer_token_ids(self, answer: str) -> list[int]:
         """Token ids of an answer as it follows the prompt, without special tokens."""
@@ -260,6 +285,11 @@ class ModelAdapter(ABC):
         for i, question in enumerate(questions):
             groups.setdefault(self.token_length(question), []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The most positions a prompt may take (`token_length`); longer ones are refused at the boundary."""
+        return self.prompt_limit(self.model.config)
 
     @torch.no_grad()
     def answer_logits(self, images: Sequence[Image.Image], questions: Sequence[str], batch_size: int | None = None,

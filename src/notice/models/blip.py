@@ -79,12 +79,23 @@ class BlipAdapter(ModelAdapter):
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                         name: str | None = None, **options) -> "BlipAdapter":
-        from transformers import BlipForQuestionAnswering, BlipProcessor
+        from transformers import BlipForQuestionAnswering
 
         if options:
             raise NoticeError(f"BLIP loading takes no {', '.join(options)} option: drop it")
         model = BlipForQuestionAnswering.from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        return cls(model.to(device), BlipProcessor.from_pretrained(str(source)), name or str(source))
+        return cls(model.to(device), cls.load_processor(source), name or str(source))
+
+    @classmethod
+    def load_processor(cls, source: str | Path):
+        from transformers import BlipProcessor
+
+        return BlipProcessor.from_pretrained(str(source))
+
+    @classmethod
+    def prompt_ids(cls, processor, question: str) -> list[int]:
+        """The question's wordpieces as the text encoder reads them, [CLS] and [SEP] included."""
+        return processor.tokenizer(question)["input_ids"]
 
     # ----------------------------------------------------------------- prompts
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
@@ -94,13 +105,6 @@ class BlipAdapter(ModelAdapter):
         if not bool(encoded["attention_mask"].all()):
             raise ValueError("questions of one batch must have the same token length; use batches_by_length")
         return encoded.to(self.device).to(self.dtype)  # floats only: the ids stay long
-
-    def tokenize(self, question: str) -> list[str]:
-        """Wordpieces of the question as the text encoder sees them, [CLS] and [SEP] included."""
-        return self.tokenizer.convert_ids_to_tokens(self.tokenizer(question)["input_ids"])
-
-    def token_length(self, question: str) -> int:
-        return len(self.tokenizer(question)["input_ids"])
 
     @property
     def word_embeddings(self) -> torch.nn.Embedding:

@@ -47,9 +47,14 @@ class ImageTokenAdapter(ModelAdapter):
 
     # ----------------------------------------------------------------- prompts
     def prompt(self, question: str) -> str:
-        """The question in the model's chat template, one image before it, ending where the answer starts."""
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return chat_prompt(self.processor, question)
+
+    @classmethod
+    def prompt_ids(cls, processor, question: str) -> list[int]:
+        """The expanded ids of a question's prompt (an image of any size gives the same expansion)."""
+        encoded = processor(images=[Image.new("RGB", (8, 8))], text=[chat_prompt(processor, question)],
+                            return_tensors="pt")
+        return encoded["input_ids"][0].tolist()
 
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
         """Processor inputs for one batch; the prompts must tokenize to one length."""
@@ -61,20 +66,6 @@ class ImageTokenAdapter(ModelAdapter):
         encoded = encoded.to(self.device).to(self.dtype)
         self.image_positions(encoded["input_ids"][0])  # checks the expansion once per batch
         return encoded
-
-    def _prompt_ids(self, question: str) -> list[int]:
-        """The expanded ids of a question's prompt (remembered: batching asks for them often)."""
-        known = self.__dict__.setdefault("_known_prompts", {})
-        if question not in known:
-            known[question] = self.prepare([Image.new("RGB", (8, 8))], [question]).input_ids[0].tolist()
-        return known[question]
-
-    def tokenize(self, question: str) -> list[str]:
-        """Tokens of the whole prompt as the language model sees it; `lm` positions index this list."""
-        return self.tokenizer.convert_ids_to_tokens(self._prompt_ids(question))
-
-    def token_length(self, question: str) -> int:
-        return len(self._prompt_ids(question))
 
     def _prompt_offsets(self, question: str) -> tuple[list[tuple[int, int]], int, int]:
         """Character spans of the unexpanded prompt's tokens, where the question starts in it, and how
@@ -276,6 +267,12 @@ class ImageTokenAdapter(ModelAdapter):
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
         """The LM positions of the image tokens that are grid patches, row-major."""
         return image_positions
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The question in the model's chat template, one image before it, ending where the answer starts."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
 def rows_in_given_order(batches: Sequence[PatchBatch]) -> torch.Tensor | slice:

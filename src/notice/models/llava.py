@@ -94,7 +94,7 @@ class LlavaAdapter(ImageTokenAdapter):
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                         name: str | None = None, load_in_4bit: bool = False, **options) -> "LlavaAdapter":
-        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import LlavaForConditionalGeneration
 
         if options:
             raise NoticeError(f"LLaVA loading takes no {', '.join(options)} option: drop it")
@@ -104,8 +104,13 @@ class LlavaAdapter(ImageTokenAdapter):
             kwargs["quantization_config"] = four_bit_config(torch_dtype)
             kwargs["device_map"] = {"": device}
         model = LlavaForConditionalGeneration.from_pretrained(str(source), **kwargs)
-        processor = LlavaProcessor.from_pretrained(str(source))
-        return cls(model if load_in_4bit else model.to(device), processor, name or str(source))
+        return cls(model if load_in_4bit else model.to(device), cls.load_processor(source), name or str(source))
+
+    @classmethod
+    def load_processor(cls, source: str | Path):
+        from transformers import LlavaProcessor
+
+        return LlavaProcessor.from_pretrained(str(source))
 
     @property
     def patch_grid(self) -> tuple[int, int, int]:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from notice.checks import prompts_fit
 from notice.errors import NoticeError
 from notice.io import load_image
 from notice.models.base import ModelAdapter, PatchBatch, Run, Trace
@@ -154,6 +155,7 @@ def patch_pair(adapter: ModelAdapter, pair: Pair, sites: Sequence[str], directio
     `progress(n)` is called after each batch with the number of cells it finished.
     """
     check_direction(direction)
+    prompts_fit(adapter, [pair])
     clean, corrupt = pair_runs(adapter, pair)
     cells = expand_sites(sites, adapter.streams, adapter.num_positions(clean))
     streams = {site.stream for site in cells}
@@ -194,6 +196,13 @@ def count_cells(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[st
     return [len(expand_sites(sites, adapter.streams, adapter.num_positions(clean_run(adapter, p)))) for p in pairs]
 
 
+def example_run(adapter: ModelAdapter) -> Run:
+    """Any input (a blank image and a question), for checking site patterns before the pairs are at hand."""
+    from PIL import Image
+
+    return Run(adapter.prepare([Image.new("RGB", (64, 64), "white")], ["what is in the image?"]))
+
+
 def clean_run(adapter: ModelAdapter, pair: Pair) -> Run:
     """The clean input of a pair as the model receives it (its positions give the sites' ranges)."""
     return Run(adapter.prepare([load_image(pair.clean_image)], [pair.clean_prompt]))
@@ -201,11 +210,13 @@ def clean_run(adapter: ModelAdapter, pair: Pair) -> Run:
 
 def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[str], out, direction: str = "denoise", *,
                 max_memory: str | int = DEFAULT_MAX_MEMORY, batch_size: int | None = None, checks: bool = True,
-                progress: Callable[[int, bool], None] | None = None, model_name: str = "", dtype: str = "") -> dict:
+                progress: Callable[[int, bool], None] | None = None, model_name: str = "", dtype: str = "",
+                provenance: dict | None = None) -> dict:
     """A resumable sweep: one result shard per pair under `out`; pairs with a shard are skipped.
 
     Returns {"pairs", "done", "skipped", "cells"}; `progress(n, skipped)` counts cells as they finish,
-    and the cells of pairs finished by an earlier run (skipped=True)."""
+    and the cells of pairs finished by an earlier run (skipped=True). `provenance` (seed, pairs files)
+    goes into run.json beside the settings."""
     from notice.store import ResultStore
 
     check_direction(direction)
@@ -213,10 +224,11 @@ def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[st
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise NoticeError(f"pair id {duplicate!r} occurs more than once: pair ids must be unique")
+    prompts_fit(adapter, pairs)  # every pair readable before the first shard is written
     model_name = model_name or adapter.name
     store = ResultStore(out, {"model": model_name, "sites": list(sites), "direction": direction,
                               "dtype": dtype or str(adapter.dtype).replace("torch.", ""),
-                              "answer_scoring": "first_token"})
+                              "answer_scoring": "first_token", **(provenance or {})})
     counts = count_cells(adapter, pairs, sites)
     summary = {"pairs": len(pairs), "done": 0, "skipped": 0, "cells": sum(counts)}
     for pair, count in zip(pairs, counts):

@@ -33,9 +33,9 @@ def pair_noise(adapter: ModelAdapter, pair: Pair, clean: Run) -> dict[str, Any] 
 
 def pair_runs(adapter: ModelAdapter, pair: Pair) -> tuple[Run, Run]:
     """The clean and the corrupt Run of a pair (noise pairs: the clean input plus seeded embedding noise)."""
-    clean_image = load_image(pair.clean_image)
-    corrupt_image = clean_image if pair.corrupt_image == pair.clean_image else load_image(pair.corrupt_image)
     try:
+        clean_image = load_image(pair.clean_image)
+        corrupt_image = clean_image if pair.corrupt_image == pair.clean_image else load_image(pair.corrupt_image)
         clean, corrupt = adapter.runs_for(clean_image, corrupt_image, pair.clean_prompt, pair.corrupt_prompt)
     except NoticeError as error:
         raise NoticeError(f"pair {pair.id}: {error}") from error

@@ -10,9 +10,9 @@ import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
-from notice.analysis.universal import rank_by_condition, universal_heads
+from notice.analysis.universal import condition_names, rank_by_condition, universal_heads
 from notice.errors import NoticeError
-from notice.io import load_image
+from notice.io import load_image, staged_folder
 from notice.pairs import Pair
 from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
 from notice.report.html import Report, Section, figure_html, table_html, write_report
@@ -104,8 +104,20 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
                 top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0) -> Path:
     """Write the report of one or several models to `out_dir`; with several, a comparison of
     their heads follows their own sections. `top_k` heads are listed per condition; the
-    `universal_top_k` strongest of each condition count for the top-k variant of universality."""
-    out_dir = Path(out_dir)
+    `universal_top_k` strongest of each condition count for the top-k variant of universality.
+    Everything is written beside `out_dir` first and moved in at the end: an error leaves it as it was."""
+    for model in models:
+        count = len(condition_names(model.table, *focus_of(model.table)))
+        if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
+            raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
+                              f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
+    with staged_folder(out_dir) as stage:
+        _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed)
+    return Path(out_dir) / "index.html"
+
+
+def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None,
+                  top_k: int, universal_top_k: int, overlays_per_head: int, seed: int) -> Path:
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     sections, universals = [], {}
     for model in models:
