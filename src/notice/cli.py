@@ -48,7 +48,7 @@ def _boundary(interrupted: Callable[[], str] = lambda: "nothing was written") ->
         _fail(error)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: {interrupted()}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
 
 
 def _show_version(value: bool) -> None:

@@ -228,7 +228,7 @@ def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence
     sites = list(config.sites)
     bar = progress.add_task("patching: cells", total=sum(count_cells(adapter, pairs, sites)))
     patch_pairs(adapter, pairs, sites, folder, direction=config.direction, max_memory=config.max_memory,
-                progress=lambda cells, skipped=False: progress.update(bar, advance=cells), model_name=config.model,
+                progress=lambda cells, skipped: progress.update(bar, advance=cells), model_name=config.model,
                 dtype=config.dtype,
                 provenance={"seed": config.seed, "pairs": [file_record(path) for path in pairs_files]})
     return folder

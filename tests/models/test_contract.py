@@ -139,7 +139,7 @@ def test_hook_points_hold_every_position_and_heads_are_slices(family):
             site = parse_site(f"{stream}.{facts.layers - 1}.{component}" + (".head0" if component.endswith("attn")
                                                                              else ""))
             seen = []
-            with hooked(adapter, site, lambda t: seen.append(tuple(t.shape)) or t):
+            with hooked(adapter, site, lambda t, seen=seen: seen.append(tuple(t.shape)) or t):
                 adapter.run_logits(clean)
             assert len(seen) == 1 and seen[0][:2] == (1, counts[stream]), (site, seen)
             columns = adapter.site_columns(site)

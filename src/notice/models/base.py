@@ -286,11 +286,6 @@ class ModelAdapter(ABC):
             groups.setdefault(self.token_length(question), []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
-    @property
-    def max_prompt_tokens(self) -> int:
-        """The most positions a prompt may take (`token_length`); longer ones are refused at the boundary."""
-        return self.prompt_limit(self.model.config)
-
     @torch.no_grad()
     def answer_logits(self, images: Sequence[Image.Image], questions: Sequence[str], batch_size: int | None = None,
                       image_index: Sequence[int] | None = None) -> torch.Tensor:

@@ -19,16 +19,16 @@ from PIL import Image
 from notice.errors import NoticeError
 from notice.models.base import (ImageAttention, ModelAdapter, PatchBatch, Run, StreamFacts, StreamMap, Trace,
                                 check_batch, grid_labels, resolve_dtype)
-from notice.models.blocks import BertBlock, EncoderBlock
+from notice.models.blocks import BertBlock, CrossAttention, EncoderBlock
 
 BERT_WRITES = {"self_attn": "attention.output.dense", "cross_attn": "crossattention.output.dense",
                "mlp": "output.dense"}
-BERT_MAP = dict(writes=BERT_WRITES, heads={k: v for k, v in BERT_WRITES.items() if k != "mlp"})
+BERT_HEADS = {k: v for k, v in BERT_WRITES.items() if k != "mlp"}
 STREAM_MAPS = {
     "vision": StreamMap("vision_model.encoder.layers", writes={"self_attn": "self_attn.projection", "mlp": "mlp"},
                         heads={"self_attn": "self_attn.projection"}),
-    "text": StreamMap("text_encoder.encoder.layer", **BERT_MAP),
-    "decoder": StreamMap("text_decoder.bert.encoder.layer", **BERT_MAP),
+    "text": StreamMap("text_encoder.encoder.layer", writes=BERT_WRITES, heads=BERT_HEADS),
+    "decoder": StreamMap("text_decoder.bert.encoder.layer", writes=BERT_WRITES, heads=BERT_HEADS),
 }
 
 
@@ -42,8 +42,9 @@ def bert_block(layer, heads: int, causal: bool) -> BertBlock:
     return BertBlock(query=layer.attention.self.query, key=layer.attention.self.key, value=layer.attention.self.value,
                      self_out=layer.attention.output.dense, self_norm=layer.attention.output.LayerNorm,
                      intermediate=layer.intermediate, output=layer.output.dense, output_norm=layer.output.LayerNorm,
-                     heads=heads, causal=causal, cross_query=cross.self.query, cross_key=cross.self.key,
-                     cross_value=cross.self.value, cross_out=cross.output.dense, cross_norm=cross.output.LayerNorm)
+                     heads=heads, causal=causal,
+                     crossing=CrossAttention(cross.self.query, cross.self.key, cross.self.value, cross.output.dense,
+                                             cross.output.LayerNorm))
 
 
 class BlipAdapter(ModelAdapter):
@@ -84,7 +85,8 @@ class BlipAdapter(ModelAdapter):
         if options:
             raise NoticeError(f"BLIP loading takes no {', '.join(options)} option: drop it")
         model = BlipForQuestionAnswering.from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        return cls(model.to(device), cls.load_processor(source), name or str(source))
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a decorated method
+        return cls(model, cls.load_processor(source), name or str(source))
 
     @classmethod
     def load_processor(cls, source: str | Path):
@@ -150,7 +152,8 @@ class BlipAdapter(ModelAdapter):
         return self.encode_question(inputs, image_states, self.embed_tokens(inputs.input_ids)), inputs.attention_mask
 
     def answer_step_logits(self, context, prefix: torch.Tensor) -> torch.Tensor:
-        return self.decode(*context, prefix)
+        question_states, attention_mask = context
+        return self.decode(question_states, attention_mask, prefix)
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:

@@ -222,6 +222,7 @@ class ImageTokenAdapter(ModelAdapter):
             prefix = tuple(t[:, :, :start] for t in cache["kv"][l])
             hidden = blocks[l].forward(hidden, self.rope(cache, start, count, l), prefix,
                                        self.lm_mask(cache, l, start, count))
+        assert hidden is not None, "rows enter before the last layer's output"
         return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
 
     @abstractmethod

@@ -104,7 +104,9 @@ class LlavaAdapter(ImageTokenAdapter):
             kwargs["quantization_config"] = four_bit_config(torch_dtype)
             kwargs["device_map"] = {"": device}
         model = LlavaForConditionalGeneration.from_pretrained(str(source), **kwargs)
-        return cls(model if load_in_4bit else model.to(device), cls.load_processor(source), name or str(source))
+        if not load_in_4bit:  # 4-bit weights are placed by their device map
+            model = model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a decorated method
+        return cls(model, cls.load_processor(source), name or str(source))
 
     @classmethod
     def load_processor(cls, source: str | Path):

@@ -238,7 +238,15 @@ def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[st
                 progress(count, True)
             continue
         frame = patch_pair(adapter, pair, sites, direction, max_memory=max_memory, batch_size=batch_size,
-                           checks=checks, progress=progress, model_name=model_name)
+                           checks=checks, progress=None if progress is None else _fresh(progress),
+                           model_name=model_name)
         store.write(pair.id, frame)
         summary["done"] += 1
     return summary
+
+
+def _fresh(progress: Callable[[int, bool], None]) -> Callable[[int], None]:
+    """A sweep's progress callback as patch_pair calls it: cells finished now (not skipped)."""
+    def done(cells: int) -> None:
+        progress(cells, False)
+    return done

@@ -152,7 +152,7 @@ def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min
 def comparison_section(universals: dict[str, tuple], top_k: int) -> Section:
     """Each model's strongest heads per condition side by side, and how many are universal."""
     rows = []
-    for name, (focus, rankings, universal) in universals.items():
+    for name, (focus, rankings, _) in universals.items():
         for condition, ranked in rankings.items():
             top = ranked.head(top_k)
             rows.append({"model": name, "heads": f"{focus[0]} {COMPONENT_TITLES[focus[1]]}", "condition": condition,

@@ -54,7 +54,7 @@ def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None =
         pairs: list[Pair] = []
         for sample in steps(progress, samples, f"{task}: pairs"):
             length = budget.excess(sample.prompt) if budget is not None else None
-            if length is not None:
+            if budget is not None and length is not None:
                 bad("prompt longer than the model reads",
                     f"sample {sample.id}: {budget.describe(sample.prompt, length)}; use a model that reads longer prompts")
                 continue

@@ -140,7 +140,7 @@ def pixel_color(pixels: np.ndarray) -> str:
     """The palette colour covering the most pixels (shape fills are exact palette values)."""
     flat = pixels.reshape(-1, 3)
     counts = {name: int(np.all(flat == rgb, axis=1).sum()) for name, rgb in PALETTE.items()}
-    return max(counts, key=counts.get)
+    return max(counts, key=lambda name: counts[name])
 
 
 _SHAPE_RE = re.compile(r"\b(circle|rectangle|triangle)\b")
@@ -245,7 +245,7 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
         else:
             new = rng.choice([s for s in SHAPES if s != shape])
             corrupt, old_alpha, new_alpha = redraw(pixels, color, new)
-            answers, vocabulary, template = (shape, new), SHAPES, SHAPE_CHOICE
+            answers, vocabulary, template = (str(shape), new), SHAPES, SHAPE_CHOICE
         if not (old_alpha > 0).any():
             bad("no shape found", f"image {path}: no {color} shape found on a uniform background")
             continue

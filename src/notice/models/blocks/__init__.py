@@ -11,7 +11,7 @@ target (`finish`: nothing after the attention mixes positions) and derives, in a
 intermediates `finish` reads (`derive`).
 """
 
-from notice.models.blocks.bert import BertBlock
+from notice.models.blocks.bert import BertBlock, CrossAttention
 from notice.models.blocks.prenorm import DecoderBlock, EncoderBlock
 
-__all__ = ["BertBlock", "DecoderBlock", "EncoderBlock"]
+__all__ = ["BertBlock", "CrossAttention", "DecoderBlock", "EncoderBlock"]

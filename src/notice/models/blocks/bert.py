@@ -22,6 +22,17 @@ Memory = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 
 @dataclass
+class CrossAttention:
+    """A cross-attention sublayer's parts: queries from the rows, keys and values from a memory."""
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    out: nn.Module
+    norm: nn.Module
+
+
+@dataclass
 class BertBlock:
     query: nn.Linear
     key: nn.Linear
@@ -33,11 +44,7 @@ class BertBlock:
     output_norm: nn.Module
     heads: int
     causal: bool = False
-    cross_query: nn.Linear | None = None
-    cross_key: nn.Linear | None = None
-    cross_value: nn.Linear | None = None
-    cross_out: nn.Module | None = None
-    cross_norm: nn.Module | None = None
+    crossing: CrossAttention | None = None  # None: a layer without cross-attention
 
     def forward(self, x: torch.Tensor, memory: Memory = None) -> torch.Tensor:
         """The layer on rows [N, P, D]."""
@@ -50,7 +57,7 @@ class BertBlock:
         return self.from_self(self.self_norm(self.self_out(z) + x), memory)
 
     def from_self(self, after_self: torch.Tensor, memory: Memory) -> torch.Tensor:
-        after_cross = after_self if self.cross_out is None else self.cross(after_self, memory)
+        after_cross = after_self if self.crossing is None else self.cross(after_self, memory)
         return self.mlp(after_cross)
 
     def mlp(self, after_cross: torch.Tensor) -> torch.Tensor:
@@ -58,26 +65,35 @@ class BertBlock:
 
     def cross(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
         """The cross-attention sublayer on rows [N, K, D]: LN(x + cross_attn)."""
-        q = split_heads(self.cross_query(x), self.heads)  # [N, H, K, d]
+        cross = self._crossing()
+        q = split_heads(cross.query(x), self.heads)  # [N, H, K, d]
         n, h, k, d = q.shape
         if isinstance(memory, torch.Tensor):
             m, width = memory.shape[1], h * d
             if k * (width + h * m) < m * width:  # few queries: cheaper not to project the memory
-                z = absorbed_attention(q, memory, self.cross_key, self.cross_value)
+                z = absorbed_attention(q, memory, cross.key, cross.value)
             else:
-                z = attend(q, split_heads(self.cross_key(memory), h), split_heads(self.cross_value(memory), h))
+                z = attend(q, split_heads(cross.key(memory), h), split_heads(cross.value(memory), h))
         else:
+            assert memory is not None, "a cross-attention layer needs its memory"
             z = attend_shared(q, *memory)
-        return self.cross_norm(self.cross_out(merge_heads(z)) + x)
+        return cross.norm(cross.out(merge_heads(z)) + x)
+
+    def _crossing(self) -> CrossAttention:
+        if self.crossing is None:
+            raise ValueError("this layer has no cross-attention")
+        return self.crossing
 
     def cross_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [1, H, M, d] of one memory's states [M, E], for every cell to share."""
-        return split_heads(self.cross_key(states[None]), self.heads), split_heads(self.cross_value(states[None]), self.heads)
+        cross = self._crossing()
+        return split_heads(cross.key(states[None]), self.heads), split_heads(cross.value(states[None]), self.heads)
 
     def cross_weights(self, after_self: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Softmax cross-attention [N, H, P, M] of rows [N, P, D] over memory states [N, M, E] (float32)."""
-        q = split_heads(self.cross_query(after_self), self.heads)
-        k = split_heads(self.cross_key(states), self.heads)
+        cross = self._crossing()
+        q = split_heads(cross.query(after_self), self.heads)
+        k = split_heads(cross.key(states), self.heads)
         return ((q @ k.transpose(2, 3)).float() * q.shape[-1] ** -0.5).softmax(dim=-1)
 
     def finish(self, target: str, value: torch.Tensor, mine: Callable[[str], torch.Tensor],
@@ -89,12 +105,13 @@ class BertBlock:
         if target == "mlp":
             return self.output_norm(value + mine("after_cross"))
         if target.startswith("cross_attn"):
-            write = self.cross_out(value) if target == "cross_attn.z" else value
-            return self.mlp(self.cross_norm(write + mine("after_self")))
+            cross = self._crossing()
+            write = cross.out(value) if target == "cross_attn.z" else value
+            return self.mlp(cross.norm(write + mine("after_self")))
         write = self.self_out(value) if target == "self_attn.z" else value
         return self.from_self(self.self_norm(write + mine("x")), memory)
 
     def derive(self, store: dict[str, torch.Tensor]) -> None:
         store["after_self"] = self.self_norm(store["self_attn"] + store["x"])
-        store["after_cross"] = (store["after_self"] if self.cross_out is None
-                                else self.cross_norm(store["cross_attn"] + store["after_self"]))
+        store["after_cross"] = (store["after_self"] if self.crossing is None
+                                else self.crossing.norm(store["cross_attn"] + store["after_self"]))

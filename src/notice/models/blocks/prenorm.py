@@ -19,7 +19,7 @@ from notice.models.blocks.attention import attend, merge_heads, rotate, split_he
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [1 or N, Q, d]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreNormBlock:
     out: nn.Module  # output projection: per-head values → the attention's write
     mlp_norm: nn.Module
@@ -54,13 +54,13 @@ class PreNormBlock:
         store["after_self"] = store["x"] + store["self_attn"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EncoderBlock(PreNormBlock):
     """A bidirectional pre-LayerNorm encoder layer (ViT, CLIP, SigLIP)."""
 
-    attn_norm: nn.Module | None = None
-    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None  # flat [N, P, H*d]
-    heads: int = 1
+    attn_norm: nn.Module
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # flat [N, P, H*d] each
+    heads: int
     scale: float | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,18 +68,18 @@ class EncoderBlock(PreNormBlock):
         return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, scale=self.scale))))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderBlock(PreNormBlock):
     """A pre-norm decoder layer with rotary positions and grouped-query attention, rerun on positions
     start.. over the receiving run's cached, already rotated keys and values of positions ..start."""
 
-    attn_norm: nn.Module | None = None
-    q_proj: nn.Module | None = None
-    k_proj: nn.Module | None = None
-    v_proj: nn.Module | None = None
-    heads: int = 1
-    kv_heads: int = 1
-    head_dim: int = 1
+    attn_norm: nn.Module
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    heads: int
+    kv_heads: int
+    head_dim: int
     scale: float | None = None
     q_norm: nn.Module | None = None  # per-head norms before the rotation (Gemma 3, Qwen3)
     k_norm: nn.Module | None = None
