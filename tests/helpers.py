@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,21 @@ def save_llava(folder: Path, arch: dict, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def assert_both_options_swapped(pair, tokenizer) -> None:
+    """A text_str_both pair: both options of the clean prompt replaced by two other words, tokens
+    aligned (equal length, differences only at the recorded positions)."""
+    swap = pair.metadata["str"]
+    assert pair.corruption == "text_str_both" and swap["form"] == "both"
+    assert swap["replaced"] == [pair.correct, pair.incorrect]
+    new = swap["replacement"]
+    assert len(set(new)) == 2 and not set(new) & {pair.correct, pair.incorrect}
+    expected = pair.clean_prompt
+    for old, word in zip(swap["replaced"], new):
+        expected = re.sub(rf"(?<![\w-]){re.escape(old)}(?![\w-])", word, expected, count=1)
+    assert pair.corrupt_prompt == expected
+    clean, corrupt = tokenizer(pair.clean_prompt)["input_ids"], tokenizer(pair.corrupt_prompt)["input_ids"]
+    assert len(clean) == len(corrupt)
+    assert {i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b} <= set(swap["positions"])
+    assert isinstance(swap["rejected"], int)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
-from notice.pairs import CORRUPTIONS
+from notice.pairs import DEFAULT_CORRUPTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where and how vision-language models combine image and text (NOTICE).")
@@ -160,7 +160,11 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
           split: Optional[str] = typer.Option(None, help="easy-VQA: train or test (default test); "
                                                          "facial expressions: the images/ subfolder (default train)."),
           model: str = ModelOption,
-          corruptions: str = typer.Option(",".join(CORRUPTIONS), help="Comma-separated corruptions to make."),
+          corruptions: str = typer.Option(",".join(DEFAULT_CORRUPTIONS), help="Comma-separated corruptions to make "
+                                                                             "(text_str_both too)."),
+          str_form: str = typer.Option("one", "--str-form", help="What text_str makes: one (the right option "
+                                                                 "swapped) or both (both options swapped, the "
+                                                                 "paper's form, as text_str_both)."),
           limit: Optional[int] = typer.Option(None, help="Use at most N source items (images, CSV rows or "
                                                          "image matches)."),
           seed: int = typer.Option(0, help="Seed of every random choice (partners, option order, STR, noise)."),
@@ -175,7 +179,7 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
         with _progress() as progress:
             report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
                                  corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
-                                 progress=progress)
+                                 progress=progress, str_form=str_form)
     except NoticeError as error:
         _fail(error)
     table = Table("corruption", "pairs", title=task)
@@ -185,9 +189,10 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
     console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
     for reason, count in sorted(report.skipped.items()):
         console.print(f"skipped {count}: {reason}", highlight=False)
-    if report.str_rejected_candidates:
-        console.print(f"STR rejected {report.str_rejected_candidates} contrast word(s) whose tokens did not "
-                      "align with the clean prompt", highlight=False)
+    for kind, count in sorted(report.str_rejected.items()):
+        if count:
+            console.print(f"{kind} rejected {count} contrast word draw(s) whose tokens did not align with the "
+                          "clean prompt", highlight=False)
 
 
 @app.command()
