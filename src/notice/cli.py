@@ -310,13 +310,17 @@ def report(results: Path = typer.Argument(..., help="A run folder of `notice run
            pairs: Optional[list[Path]] = typer.Option(None, help="Selected pairs files (images and masks)."),
            title: str = typer.Option("notice report", help="Report title."),
            min_conditions: Optional[int] = typer.Option(None, help="Universal: important in at least k conditions."),
-           top_k: int = typer.Option(10, help="Heads listed per condition.")) -> None:
+           top_k: int = typer.Option(10, help="Heads listed per condition."),
+           rule: Optional[list[str]] = typer.Option(None, "--rule", help="Head-selection rule: default, notice (the "
+                                                                         "paper's) or notice-code (the research "
+                                                                         "code's position); several side by side, "
+                                                                         "e.g. --rule default,notice.")) -> None:
     """Heatmaps, ranked and universal heads, head functions: a static HTML report."""
     from notice.report.build import report_from_folder
 
     try:
         page = report_from_folder(results, out, model=model, pairs_files=pairs or [], title=title,
-                                  min_conditions=min_conditions, top_k=top_k)
+                                  min_conditions=min_conditions, top_k=top_k, rules=rule or ["default"])
     except NoticeError as error:
         _fail(error)
     console.print(f"report: {page}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from notice.analysis.paper_rule import check_rules
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
 from notice.pairs import CORRUPTIONS
@@ -46,13 +47,14 @@ class RunConfig:
     max_memory: str = "8GB"
     min_conditions: int | None = None
     top_k: int = 10
+    rule: tuple[str, ...] = ("default",)  # head-selection rules of the report (notice.analysis.paper_rule)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _TOP_KEYS = {"model", "out", "title", "seed", "device", "dtype", "tasks", "select", "patch", "report"}
 _SECTION_KEYS = {"select": {"threshold", "max_per_cell", "balance"},
                  "patch": {"sites", "direction", "max_memory"},
-                 "report": {"min_conditions", "top_k"}}
+                 "report": {"min_conditions", "top_k", "rule"}}
 _TASK_KEYS = {"task", "data", "split", "corruptions", "limit"}
 
 
@@ -82,8 +84,14 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
             raise NoticeError(f"{source}: unknown key(s) {', '.join(sorted(bad))} under {section}; "
                               f"valid: {', '.join(sorted(keys))}")
         flat.update(values)
-    if "sites" in flat:
-        flat["sites"] = tuple([flat["sites"]] if isinstance(flat["sites"], str) else flat["sites"])
+    for key in ("sites", "rule"):  # one value or a list
+        if key in flat:
+            flat[key] = tuple([flat[key]] if isinstance(flat[key], str) else flat[key])
+    if "rule" in flat:
+        try:
+            flat["rule"] = tuple(check_rules(flat["rule"]))
+        except NoticeError as error:
+            raise NoticeError(f"{source}: report: {error}") from error
     tasks = raw.get("tasks")
     if not tasks:
         raise NoticeError(f"{source}: list at least one entry under tasks (e.g. - task: easyvqa-color)")
@@ -126,7 +134,7 @@ def run_pipeline(config: RunConfig, console) -> Path:
 
     results = run_steps(config, console)
     return make_report([results], config.out / "report", config.title, min_conditions=config.min_conditions,
-                       top_k=config.top_k, seed=config.seed)
+                       top_k=config.top_k, seed=config.seed, rules=config.rule)
 
 
 def run_demo(out: str | Path, console) -> Path:

@@ -10,10 +10,13 @@ import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
-from notice.analysis.universal import rank_by_condition, universal_heads
+from notice.analysis.paper_rule import PAPER_RULES, answer_records, check_rules
+from notice.analysis.universal import condition_labels, rank_by_condition, universal_heads
+from notice.errors import NoticeError
 from notice.pairs import Pair
 from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
 from notice.report.html import Report, Section, figure_html, table_html, write_report
+from notice.report.rules import rule_section
 
 COMPONENT_TITLES = {"layer": "layer output", "self_attn": "self-attention", "cross_attn": "cross-attention",
                     "mlp": "MLP"}
@@ -72,8 +75,9 @@ def condition_section(condition: str, rows: pd.DataFrame, ranked: pd.DataFrame |
     if ranked is not None:
         shown = ranked.head(top_k).assign(head=lambda f: [head_name(l, h) for l, h in zip(f["layer"], f["head"])])
         shown = shown[["rank", "head", "mean_abs_effect", "ci_low", "ci_high", "mean_effect", "samples", "important"]]
-        body += (f'<p class="note">Heads ranked by mean |normalized effect| over samples, 95% bootstrap interval; '
-                 f"important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>" + table_html(shown))
+        body += (f'<p class="note">Rule default: heads ranked by mean |normalized effect| over samples, 95% bootstrap '
+                 f"interval; important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>"
+                 + table_html(shown))
     return Section(prefix + condition, body)
 
 
@@ -104,10 +108,19 @@ class ModelResults:
 
 
 def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
-                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0) -> Path:
+                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0,
+                rules: Sequence[str] = ("default",)) -> Path:
     """Write the report of one or several models to `out_dir`; with several, a comparison of
     their heads follows their own sections. `top_k` heads are listed per condition; the
-    `universal_top_k` strongest of each condition count for the top-k variant of universality."""
+    `universal_top_k` strongest of each condition count for the top-k variant of universality.
+    `rules` beyond "default" add the NOTICE paper's head selection (notice.analysis.paper_rule)."""
+    rules = check_rules(rules)
+    if set(rules) & set(PAPER_RULES):
+        for model in models:
+            if not model.pairs:
+                raise NoticeError(f"--rule {', '.join(r for r in rules if r in PAPER_RULES)} reads where each answer "
+                                  f"word sits from the pairs: pass --pairs with the pairs files {model.name}'s results "
+                                  "were patched from")
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     sections, universals = [], {}
@@ -116,18 +129,20 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
         focus = focus_of(model.table)
         rankings = rank_by_condition(model.table, *focus, top_k=universal_top_k, seed=seed)
         sections.append(overview_section(model.table, model.selection, prefix))
-        for (task, modality), rows in model.table.groupby(["task", "modality"], sort=True):
-            condition = f"{task}/{modality}"
+        for condition, rows in model.table.groupby(condition_labels(model.table), sort=True):
             sections.append(condition_section(condition, rows, rankings.get(condition), out_dir, focus, top_k,
                                               prefix))
         universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame()
         universals[model.name] = (focus, rankings, universal)
         k = len(rankings) if min_conditions is None else min_conditions
         sections.append(Section(f"{prefix}Universal heads", (
-            f'<p class="note">{COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important (mean + 2σ) '
-            f"in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
+            f'<p class="note">Rule default: {COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important '
+            f"(mean + 2σ) in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
             + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
             + _top_k_universal(rankings, min_conditions, universal_top_k))))
+        if rules != ["default"]:
+            sections.append(rule_section(model.table, answer_records(model.pairs), focus, rules, rankings, out_dir,
+                                         min_conditions, prefix, _slug(prefix) + "-" if prefix else ""))
         if model.adapter is not None and model.pairs:
             heads = _focus_heads(universal, rankings)
             sections.append(head_function_section(model.adapter, model.pairs, heads, out_dir, overlays_per_head,
@@ -225,7 +240,8 @@ def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int,
 
 
 def report_from_folder(results: Path, out: Path, model: str | None = None, pairs_files: Sequence[Path] = (),
-                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10) -> Path:
+                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10,
+                       rules: Sequence[str] = ("default",)) -> Path:
     """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder."""
     import json
 
@@ -233,6 +249,7 @@ def report_from_folder(results: Path, out: Path, model: str | None = None, pairs
     from notice.pairs import read_pairs
     from notice.store import load_results
 
+    rules = check_rules(rules)  # before anything slow
     results = Path(results)
     run_config = results / "config.json"
     selection: dict[str, dict] = {}
@@ -249,4 +266,4 @@ def report_from_folder(results: Path, out: Path, model: str | None = None, pairs
     adapter = load_model(model) if model and pairs_files else None
     pairs = [p for f in pairs_files for p in read_pairs(f)]
     return make_report([ModelResults(model or "unknown", table, adapter, pairs, selection)], out, title,
-                       min_conditions=min_conditions, top_k=top_k)
+                       min_conditions=min_conditions, top_k=top_k, rules=rules)
