@@ -105,4 +105,4 @@ def test_paper_str_form_swaps_both_options_and_selection_counts_it_apart(tmp_pat
     assert counts["text_str_both"]["input"] == len(both) and counts["image_smp"]["input"] == len(pairs) - len(both)
     refused = runner.invoke(app, ["pairs", "easyvqa-color", "--str-form", "two", "--out", str(tmp_path / "x.parquet"),
                                   "--model", str(tiny_blip_dir)])
-    assert refused.exit_code == 2 and "unknown STR form 'two': use one or both" in refused.output
+    assert refused.exit_code == 2 and "--str-form: unknown STR form 'two'; use one of one, both" in refused.output

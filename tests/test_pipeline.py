@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_shipped_configs_load(tmp_path):
-    mit = load_config(ROOT / "configs" / "blip-vqa-base-mit-states.yaml")
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    (tmp_path / "data" / "mit-states").mkdir(parents=True)  # where the config says its data is
+    mit = load_config(tmp_path / "configs" / "blip-vqa-base-mit-states.yaml")
     assert mit.model == "Salesforce/blip-vqa-base"
     assert mit.tasks[0].task == "mit-states" and len(mit.tasks[0].corruptions) == 4
-    assert Path(mit.tasks[0].data).parts[-2:] == ("data", "mit-states")
+    assert Path(mit.tasks[0].data) == tmp_path / "data" / "mit-states"
+    assert mit.out == tmp_path / "runs" / "blip-vqa-base-mit-states"  # out is read from the config's folder too
     demo = load_config(ROOT / "configs" / "easyvqa-demo.yaml", out=tmp_path)
     assert demo.out == tmp_path and demo.sites == DEFAULT_SITES and demo.max_per_cell == 1
 
@@ -28,7 +32,7 @@ def test_shipped_configs_load(tmp_path):
     ("tasks: [{task: easyvqa-color, corruptions: [blur]}]\nout: x\n", "unknown corruption\\(s\\) blur"),
     ("tasks: [easyvqa-color]\n", "out: FOLDER"),
     ("tasks: [easyvqa-color\n", "not valid YAML"),
-    ("tasks: [easyvqa-color]\nout: x\nreport: {rule: [default, paper]}\n", "report: unknown head-selection rule"),
+    ("tasks: [easyvqa-color]\nout: x\nreport: {rule: [default, paper]}\n", "report.rule has unknown head-selection rule\\(s\\) paper"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, message):
     path = tmp_path / "run.yaml"

@@ -23,6 +23,10 @@ class ColourReader:
     prompt offers it (logit 5), gives the prompt's other options 1 and every other word 0."""
 
     name = "colour-reader"
+    max_prompt_tokens = 12
+
+    def token_length(self, question: str) -> int:
+        return len(question.split()) + 2  # as a wordpiece tokenizer with [CLS] and [SEP] counts whole words
 
     def answer_token_ids(self, answer: str) -> list[int]:
         return [WORDS.index("sun")] if answer.startswith("sun") else [WORDS.index(answer)]
@@ -64,12 +68,14 @@ def test_each_filter_drops_what_it_should(images):
         _pair(images, "str", "red", "red", "red", "blue", kind="text_str",
               corrupt_prompt="is the shape green or blue?"),  # STR removes the right option: flips
         _pair(images, "sun", "red", "blue", "sun", "sunflowers"),  # one first wordpiece for both answers
+        _pair(images, "long", "red", "red", "red", "blue", kind="text_str",
+              corrupt_prompt="is the shape a very very very dark green or blue?"),  # 13 tokens: more than it reads
     ]
     selection = select_pairs(ColourReader(), pairs, balance=False)
     assert sorted(p.id for p in selection.kept) == ["flips", "str"]
     summary = selection.as_dict()
-    assert summary["dropped"] == {"duplicate": 1, "answers_share_first_token": 1, "clean_wrong": 1,
-                                  "no_flip": 1, "balance": 0}
+    assert summary["dropped"] == {"duplicate": 1, "prompt_too_long": 1, "answers_share_first_token": 1,
+                                  "clean_wrong": 1, "no_flip": 1, "balance": 0}
     for row in summary["by_corruption"].values():  # every input pair is accounted for
         assert row["input"] == row["kept"] + sum(row[f] for f in FILTERS)
     kept = {p.id: p for p in selection.kept}

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from notice import __version__
+from notice import checks as check
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
-from notice.pairs import DEFAULT_CORRUPTIONS
+from notice.pairs import CORRUPTIONS, DEFAULT_CORRUPTIONS, STR_FORMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where and how vision-language models combine image and text (NOTICE).")
@@ -28,8 +31,39 @@ DtypeOption = typer.Option("float32", "--dtype", help="float32 (default), bfloat
 
 
 def _fail(error: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@contextmanager
+def _boundary(interrupted: Callable[[], str] = lambda: "nothing was written") -> Iterator[None]:
+    """Bad input → one line and exit 2; Ctrl-C → one line saying what is kept and exit 130."""
+    from notice.patching.engine import SanityCheckError
+
+    try:
+        yield
+    except (NoticeError, SanityCheckError) as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {interrupted()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"notice {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    import logging
+
+    # notice measures prompts against the model's limit and names those too long in one line of its own
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -38,7 +72,7 @@ def ask(image: Path = typer.Argument(..., help="Image file (PNG, JPEG)."),
         model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
         top: int = typer.Option(5, help="How many candidate answers to list.")) -> None:
     """Answer a question about an image and show the top candidate answers."""
-    try:
+    with _boundary():
         import torch
 
         from notice.io import load_image
@@ -46,12 +80,13 @@ def ask(image: Path = typer.Argument(..., help="Image file (PNG, JPEG)."),
 
         if not question.strip():
             raise NoticeError("empty question: ask something about the image, e.g. \"what color is the shape?\"")
+        check.check_all([("--device", device, check.device), ("--dtype", dtype, check.dtype),
+                         ("--top", top, check.whole(1))])
         picture = load_image(image)
         adapter = load_model(model, device=device, dtype=dtype)
+        check.prompts_fit(adapter, [question], "ask a shorter question")
         answer = adapter.generate([picture], [question])[0]
         probs = torch.softmax(adapter.answer_logits([picture], [question])[0], dim=-1)
-    except NoticeError as error:
-        _fail(error)
     console.print(f"[bold]{answer}[/]")
     values, ids = probs.topk(min(top, probs.numel()))
     table = Table("first answer token", "p", title="top candidates (first answer step)")
@@ -66,10 +101,8 @@ def info(model: str = ModelOption, as_json: bool = typer.Option(False, "--json",
     from notice.models import load_model
     from notice.patching.sites import site_catalogue
 
-    try:
+    with _boundary():
         adapter = load_model(model)
-    except NoticeError as error:
-        _fail(error)
     facts = adapter.describe()
     if as_json:
         facts["sites"] = site_catalogue(adapter.streams)
@@ -95,10 +128,11 @@ def evaluate(model: str = ModelOption, split: str = typer.Option("test", help="e
     """Accuracy on easy-VQA per question kind (yes/no, colour, shape, two-way choice)."""
     from notice.evaluation import easy_vqa_accuracy
 
-    try:
+    with _boundary():
+        check.check_all([("--split", split, check.one_of(("train", "test"), "split")),
+                         ("--images", images, check.whole(1, optional=True))]
+                        + ([("--out", out, check.output_file)] if out else []))
         result = easy_vqa_accuracy(model, split=split, limit_images=images, seed=seed)
-    except NoticeError as error:
-        _fail(error)
     _print_accuracy(result)
     if out:
         from notice.io import atomic_path
@@ -125,8 +159,10 @@ def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (
     """Train an embedded default model (small BLIP or tiny LLaVA on easy-VQA) and write its model card."""
     from notice.models import EMBEDDED
 
-    if family not in ("blip", "llava"):
-        _fail(NoticeError(f"unknown family {family!r}: use blip or llava"))
+    with _boundary():
+        check.check_all([("--family", family, check.one_of(("blip", "llava"), "family")),
+                         ("--threads", threads, check.whole(1))]
+                        + ([("--out", out, check.output_folder)] if out else []))
     out = out or EMBEDDED[f"easyvqa-{family}"]
     if family == "llava":
         from notice.training.card import write_llava_model_card
@@ -147,7 +183,7 @@ def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
+                    console=err_console, transient=True, disable=not err_console.is_terminal)
 
 
 @app.command()
@@ -172,16 +208,21 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
                                                                   "instead of stopping.")) -> None:
     """Make clean/corrupt pairs of a task: SMP images, STR prompts and Gaussian-noise baselines."""
     from notice.corrupt.text import load_tokenizer
-    from notice.tasks import build_pairs
+    from notice.models import prompt_budget
+    from notice.tasks import TASKS, build_pairs
 
-    try:
+    with _boundary():
+        check.check_all([("TASK", task, check.one_of(TASKS, "task")), ("--out", out, check.output_file),
+                         ("--corruptions", corruptions, check.names(CORRUPTIONS, "corruption", comma_text=True)),
+                         ("--str-form", str_form, check.one_of(tuple(STR_FORMS), "STR form")),
+                         ("--limit", limit, check.whole(1, optional=True))]
+                        + ([("--data", data, check.existing_folder)] if data is not None else []))
         tokenizer = load_tokenizer(model)  # STR and text-noise positions follow the model's own tokenizer
+        budget = prompt_budget(model)  # a pair the model cannot read is bad input here, not a crash later
         with _progress() as progress:
             report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
                                  corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
-                                 progress=progress, str_form=str_form)
-    except NoticeError as error:
-        _fail(error)
+                                 progress=progress, budget=budget, str_form=str_form)
     table = Table("corruption", "pairs", title=task)
     for kind, count in report.pairs.items():
         table.add_row(kind, str(count))
@@ -210,19 +251,21 @@ def select(pairs_file: Path = typer.Argument(..., metavar="PAIRS", help="Pairs f
            batch_size: int = typer.Option(32, help="Pairs per forward pass.")) -> None:
     """Keep pairs the model answers right whose corruption flips the answer; balance and report drops."""
     from notice.models import load_model
-    from notice.pairs import read_pairs
+    from notice.pairs import pairs_provenance, read_pairs
     from notice.select import select_pairs, write_selection
 
-    try:
+    with _boundary():
+        check.check_all([("--out", out, check.output_file), ("--device", device, check.device),
+                         ("--dtype", dtype, check.dtype), ("--threshold", threshold, check.number(0)),
+                         ("--max-per-cell", max_per_cell, check.whole(1, optional=True)),
+                         ("--batch-size", batch_size, check.whole(1))])
         loaded = read_pairs(pairs_file)
         adapter = load_model(model, device=device, dtype=dtype)
         with _progress() as progress:
             selection = select_pairs(adapter, loaded, threshold=threshold, seed=seed, balance=balance,
                                      max_per_cell=max_per_cell, batch_size=batch_size, progress=progress)
         _print_selection(selection.as_dict(), out)
-        written, report = write_selection(selection, out)
-    except NoticeError as error:
-        _fail(error)
+        written, report = write_selection(selection, out, pairs_provenance(pairs_file))
     console.print(f"wrote {written} and {report}", highlight=False, soft_wrap=True)
 
 
@@ -256,18 +299,31 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from notice.models import load_model
-    from notice.pairs import read_pairs
-    from notice.patching.engine import SanityCheckError, count_cells, parse_memory, patch_pairs
+    from notice.pairs import pairs_provenance, read_pairs
+    from notice.patching.engine import count_cells, patch_pairs
+    from notice.patching.metrics import DIRECTIONS
+    from notice.store import count_done, file_record
 
-    try:
+    records: list = []
+
+    def interrupted() -> str:
+        return (f"{count_done(out, [p.id for p in records])} of {len(records)} pairs done and kept in {out}; "
+                "rerun the same command to resume")
+
+    with _boundary(interrupted):
+        patterns = check.check_all([
+            ("--sites", sites, check.site_patterns), ("--direction", direction, check.one_of(DIRECTIONS, "direction")),
+            ("--out", out, check.output_folder), ("--max-memory", max_memory, check.memory),
+            ("--batch-size", batch_size, check.whole(1, optional=True)), ("--device", device, check.device),
+            ("--dtype", dtype, check.dtype), ("--limit", limit, check.whole(1, optional=True))])[0]
         records = read_pairs(pairs)[:limit]
-        parse_memory(max_memory)
         adapter = load_model(model, device=device, dtype=dtype)
-        patterns = [s for s in sites.split(",") if s.strip()]
+        provenance = {"seed": pairs_provenance(pairs).get("seed"), "pairs": [file_record(pairs)]}
         total = sum(count_cells(adapter, records, patterns))
         columns = (TextColumn("[bold]patching"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
                    TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=err_console) as bar:
+        with Progress(*columns, console=err_console, transient=True,  # an error or Ctrl-C: one line, no bar
+                      disable=not err_console.is_terminal) as bar:
             task = bar.add_task("patch", total=total, rate="")
             clock = {"start": time.perf_counter(), "cells": 0}
 
@@ -282,9 +338,7 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
 
             summary = patch_pairs(adapter, records, patterns, out, direction, max_memory=max_memory,
                                   batch_size=batch_size, checks=checks, progress=advance, model_name=model,
-                                  dtype=dtype)
-    except (NoticeError, SanityCheckError) as error:
-        _fail(error)
+                                  dtype=dtype, provenance=provenance)
     console.print(f"{summary['done']} pairs patched, {summary['skipped']} already done, {summary['cells']} cells "
                   f"in all; results in {out}")
 
@@ -295,10 +349,12 @@ def run(config: Path = typer.Argument(..., help="Run config (YAML): model, tasks
     """The whole pipeline for any model, tasks and sites named in a config file; resumable."""
     from notice.pipeline import load_config, run_pipeline
 
-    try:
-        page = run_pipeline(load_config(config, out), console)
-    except NoticeError as error:
-        _fail(error)
+    settings = None
+    with _boundary(lambda: _kept(settings.out) if settings else "nothing was written"):
+        if out is not None:
+            check.output_folder("--out", out)
+        settings = load_config(config, out)
+        page = run_pipeline(settings, console)
     console.print(f"report: {page}")
 
 
@@ -318,11 +374,13 @@ def report(results: Path = typer.Argument(..., help="A run folder of `notice run
     """Heatmaps, ranked and universal heads, head functions: a static HTML report."""
     from notice.report.build import report_from_folder
 
-    try:
+    with _boundary():
+        check.check_all([("RESULTS", results, check.existing_folder), ("--out", out, check.output_folder),
+                         ("--min-conditions", min_conditions, check.whole(1, optional=True)),
+                         ("--top-k", top_k, check.whole(1)), ("--rule", rule or ["default"], check.head_rules)]
+                        + [("--pairs", path, check.existing_file) for path in pairs or []])
         page = report_from_folder(results, out, model=model, pairs_files=pairs or [], title=title,
                                   min_conditions=min_conditions, top_k=top_k, rules=rule or ["default"])
-    except NoticeError as error:
-        _fail(error)
     console.print(f"report: {page}")
 
 
@@ -331,11 +389,17 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder.")) -> Non
     """The main job on both embedded models: pairs, selection, exact patching, analysis, one report."""
     from notice.pipeline import run_demo
 
-    try:
+    with _boundary(lambda: _kept(out)):
+        check.output_folder("--out", out)
         page = run_demo(out, console)
-    except NoticeError as error:
-        _fail(error)
     console.print(f"report: {page.resolve()}")
+
+
+def _kept(folder: Path) -> str:
+    """What an interrupted run keeps: its finished steps and every patched pair."""
+    shards = len(list(folder.glob("**/shards/*.parquet"))) if folder.is_dir() else 0
+    return (f"finished steps and {shards} patched pair(s) are kept in {folder}; rerun the same command to resume"
+            if folder.is_dir() else "nothing was written")
 
 
 def main() -> None:  # pragma: no cover - console entry point

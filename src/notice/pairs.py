@@ -51,8 +51,15 @@ class Pair:
 COLUMNS = [f.name for f in fields(Pair)]
 
 
-def write_pairs(pairs: Iterable[Pair], path: str | Path) -> Path:
-    """Write pairs as Parquet (whole file or nothing); image paths become relative to its folder."""
+PROVENANCE_KEY = b"notice"  # Parquet schema metadata: what made the file (version, task, seed, model, ...)
+
+
+def write_pairs(pairs: Iterable[Pair], path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write pairs as Parquet (whole file or nothing); image paths become relative to its folder.
+    `provenance` (JSON-able) is stored in the file's metadata; `pairs_provenance` reads it back."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = Path(path)
     root = path.parent.resolve()
     rows = []
@@ -66,14 +73,28 @@ def write_pairs(pairs: Iterable[Pair], path: str | Path) -> Path:
                 row["metadata"][key] = _relative(Path(row["metadata"][key]), root)
         row["metadata"] = json.dumps(row["metadata"], sort_keys=True)
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+    table = pa.Table.from_pandas(pd.DataFrame(rows, columns=COLUMNS), preserve_index=False)
+    if provenance:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               PROVENANCE_KEY: json.dumps(provenance, sort_keys=True).encode()})
     with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return path
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    """Pairs from a Parquet file written by `write_pairs`; image paths resolved against its folder."""
+def pairs_provenance(path: str | Path) -> dict[str, Any]:
+    """What made a pairs file, as `notice pairs` and `notice select` record it ({} when unknown)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def read_pairs(path: str | Path, check_files: bool = True) -> list[Pair]:
+    """Pairs from a Parquet file written by `write_pairs`; image paths resolved against its folder.
+
+    Every row is checked before any is returned: a bad value or (with `check_files`) a missing image
+    or mask is one line naming the file, the row and the pair id."""
     path = Path(path)
     if not path.is_file():
         raise NoticeError(f"pairs file not found: {path} (make one with `notice pairs`)")
@@ -85,17 +106,33 @@ def read_pairs(path: str | Path) -> list[Pair]:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise NoticeError(f"pairs file {path} lacks column(s) {', '.join(missing)}; rebuild it with `notice pairs`")
+    if frame.empty:
+        raise NoticeError(f"pairs file {path} holds no pairs; make it again with `notice pairs` or `notice select`")
     root = path.parent.resolve()
     pairs = []
-    for row in frame[COLUMNS].to_dict("records"):
-        for key in ("clean_image", "corrupt_image"):
-            row[key] = str(root / row[key]) if not Path(row[key]).is_absolute() else row[key]
-        row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}
-        for key in PATH_METADATA:
-            if key in row["metadata"] and not Path(row["metadata"][key]).is_absolute():
-                row["metadata"][key] = str(root / row["metadata"][key])
-        pairs.append(Pair(**row))
+    for number, row in enumerate(frame[COLUMNS].to_dict("records"), start=1):
+        where = f"pairs file {path} row {number} of {len(frame)} (pair {row['id']!r})"
+        pairs.append(_pair_from_row(row, root, where, check_files))
     return pairs
+
+
+def _pair_from_row(row: dict[str, Any], root: Path, where: str, check_files: bool) -> Pair:
+    for key in COLUMNS:
+        if key != "metadata" and (not isinstance(row[key], str) or not row[key]):
+            raise NoticeError(f"{where}: {key} is {row[key]!r}, not a text; rebuild the file with `notice pairs`")
+    if row["corruption"] not in CORRUPTIONS:
+        raise NoticeError(f"{where}: unknown corruption {row['corruption']!r}; use one of {', '.join(CORRUPTIONS)}")
+    try:
+        row["metadata"] = json.loads(row["metadata"]) if row["metadata"] else {}
+    except (TypeError, ValueError) as error:
+        raise NoticeError(f"{where}: metadata is not JSON ({error.__class__.__name__})") from error
+    files = {key: row for key in ("clean_image", "corrupt_image")}
+    files.update({key: row["metadata"] for key in PATH_METADATA if key in row["metadata"]})
+    for key, holder in files.items():
+        holder[key] = str(root / holder[key]) if not Path(holder[key]).is_absolute() else holder[key]
+        if check_files and not Path(holder[key]).is_file():
+            raise NoticeError(f"{where}: {key} not found: {holder[key]}; restore it or make the pairs again")
+    return Pair(**row)
 
 
 def _relative(image: Path, root: Path) -> str:

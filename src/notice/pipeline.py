@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
-from notice.analysis.paper_rule import check_rules
+from notice import checks as check
+from notice.checks import Check
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
 from notice.pairs import CORRUPTIONS
@@ -51,15 +52,45 @@ class RunConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_TOP_KEYS = {"model", "out", "title", "seed", "device", "dtype", "tasks", "select", "patch", "report"}
-_SECTION_KEYS = {"select": {"threshold", "max_per_cell", "balance"},
-                 "patch": {"sites", "direction", "max_memory"},
-                 "report": {"min_conditions", "top_k", "rule"}}
-_TASK_KEYS = {"task", "data", "split", "corruptions", "limit"}
+def _checks() -> tuple[dict[str, Check], dict[str, dict[str, Check]], dict[str, Check]]:
+    """What each key of a run config may hold: top-level keys, per-section keys, per-task keys."""
+    from notice.patching.metrics import DIRECTIONS
+    from notice.tasks import TASKS
+
+    top = {"model": check.text(), "out": check.text(), "title": check.text(), "seed": check.whole(),
+           "device": check.device, "dtype": check.dtype, "tasks": _accept, "select": _accept, "patch": _accept,
+           "report": _accept}
+    sections = {"select": {"threshold": check.number(0), "max_per_cell": check.whole(1, optional=True),
+                           "balance": check.flag},
+                "patch": {"sites": check.site_patterns, "direction": check.one_of(DIRECTIONS, "direction"),
+                          "max_memory": check.memory},
+                "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1),
+                           "rule": check.head_rules}}
+    task = {"task": check.one_of(TASKS, "task"), "data": check.text(optional=True), "split": check.text(optional=True),
+            "corruptions": check.names(CORRUPTIONS, "corruption"), "limit": check.whole(1, optional=True)}
+    return top, sections, task
+
+
+def _accept(name: str, value: Any) -> Any:  # checked below, part by part
+    return value
+
+
+def _checked(values: Any, allowed: dict[str, Check], where: str, source: str) -> dict[str, Any]:
+    """Every key of a mapping known and its value checked; one line naming the first that is not."""
+    if not isinstance(values, dict):
+        raise NoticeError(f"{source}: {where or 'the config'} must be a mapping of keys to values, not {values!r}")
+    unknown = set(values) - set(allowed)
+    if unknown:
+        under = f" under {where}" if where else ""
+        raise NoticeError(f"{source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}{under}; "
+                          f"valid: {', '.join(sorted(allowed))}")
+    prefix = f"{source}: {where}." if where else f"{source}: "
+    return {key: allowed[key](prefix + key, value) for key, value in values.items()}
 
 
 def load_config(path: str | Path, out: str | Path | None = None) -> RunConfig:
-    """Read a run config (YAML); unknown keys and bad values are one-line errors naming them."""
+    """Read a run config (YAML); unknown keys and bad values are one-line errors naming them. Relative
+    paths in it (out, data) are read from the config's folder; `out` given here, from the working one."""
     path = Path(path)
     if not path.is_file():
         raise NoticeError(f"config not found: {path}")
@@ -71,48 +102,35 @@ def load_config(path: str | Path, out: str | Path | None = None) -> RunConfig:
 
 
 def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | Path | None = None) -> RunConfig:
-    if not isinstance(raw, dict):
-        raise NoticeError(f"{source}: the config must be a mapping of keys to values")
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise NoticeError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_TOP_KEYS))}")
-    flat: dict[str, Any] = {k: raw[k] for k in ("model", "title", "seed", "device", "dtype") if k in raw}
-    for section, keys in _SECTION_KEYS.items():
-        values = raw.get(section) or {}
-        bad = set(values) - keys
-        if bad:
-            raise NoticeError(f"{source}: unknown key(s) {', '.join(sorted(bad))} under {section}; "
-                              f"valid: {', '.join(sorted(keys))}")
-        flat.update(values)
-    for key in ("sites", "rule"):  # one value or a list
+    """A RunConfig from parsed YAML, every value checked before anything is loaded or written."""
+    top_checks, section_checks, task_checks = _checks()
+    top = _checked(raw, top_checks, "", source)
+    flat: dict[str, Any] = {k: top[k] for k in ("model", "title", "seed", "device", "dtype") if k in top}
+    for section, keys in section_checks.items():
+        flat.update(_checked(top.get(section) or {}, keys, section, source))
+    for key in ("sites", "rule"):
         if key in flat:
-            flat[key] = tuple([flat[key]] if isinstance(flat[key], str) else flat[key])
-    if "rule" in flat:
-        try:
-            flat["rule"] = tuple(check_rules(flat["rule"]))
-        except NoticeError as error:
-            raise NoticeError(f"{source}: report: {error}") from error
-    tasks = raw.get("tasks")
+            flat[key] = tuple(flat[key])
+    tasks = top.get("tasks")
     if not tasks:
         raise NoticeError(f"{source}: list at least one entry under tasks (e.g. - task: easyvqa-color)")
+    if not isinstance(tasks, list):
+        raise NoticeError(f"{source}: tasks must be a list, e.g. tasks: [{tasks}] or an entry - task: {tasks}")
     specs = []
     for i, entry in enumerate(tasks):
-        entry = {"task": entry} if isinstance(entry, str) else entry
-        bad = set(entry) - _TASK_KEYS
-        if bad or "task" not in entry:
-            raise NoticeError(f"{source}: tasks[{i}] needs a task name and only {', '.join(sorted(_TASK_KEYS))}")
-        corruptions = tuple(entry.get("corruptions") or TaskSpec.corruptions)
-        wrong = [c for c in corruptions if c not in CORRUPTIONS]
-        if wrong:
-            raise NoticeError(f"{source}: tasks[{i}] has unknown corruption(s) {', '.join(wrong)}; "
-                              f"use {', '.join(CORRUPTIONS)}")
-        data = entry.get("data")
-        specs.append(TaskSpec(entry["task"], str(base / data) if data else None, entry.get("split"), corruptions,
-                              entry.get("limit")))
-    target = out or raw.get("out")
-    if not target:
+        entry = _checked({"task": entry} if isinstance(entry, str) else entry, task_checks, f"tasks[{i}]", source)
+        if "task" not in entry:
+            raise NoticeError(f"{source}: tasks[{i}] needs a task name (task: easyvqa-color)")
+        data = (base / entry["data"]).resolve() if entry.get("data") else None
+        if data is not None:
+            check.existing_folder(f"{source}: tasks[{i}].data", data)
+        specs.append(TaskSpec(entry["task"], str(data) if data else None, entry.get("split"),
+                              tuple(entry.get("corruptions") or TaskSpec.corruptions), entry.get("limit")))
+    if out is None and not top.get("out"):
         raise NoticeError(f"{source}: say where results go with out: FOLDER (or --out)")
-    return RunConfig(out=Path(target), tasks=specs, **flat)
+    target = Path(out) if out is not None else (base / top["out"]).resolve()
+    check.output_folder("--out" if out is not None else f"{source}: out", target)
+    return RunConfig(out=target, tasks=specs, **flat)
 
 
 LLAVA_SITES = ("lm.*.layer", "lm.*.self_attn", "lm.*.mlp", "lm.*.self_attn.head*")
@@ -152,50 +170,64 @@ def run_steps(config: RunConfig, console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    from notice.models import load_model
-    from notice.pairs import read_pairs
+    from notice.io import no_new_empty_folders
+    from notice.models import PromptBudget, load_model
+    from notice.pairs import pairs_provenance, read_pairs
+    from notice.patching.sites import check_patterns
     from notice.report.build import ModelResults, selection_row
     from notice.select import select_pairs, selection_report_path, write_selection
     from notice.store import load_results
     from notice.tasks import build_pairs
 
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(_as_json(config), indent=2) + "\n")
     adapter = load_model(config.model, device=config.device, dtype=config.dtype)
+    check_patterns(config.sites, adapter.streams, adapter.num_positions("what is in the image?"))
+    budget = PromptBudget.of(adapter)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    selected, selection_reports = [], {}
-    with Progress(*columns, console=console) as progress:
+    selected, selected_files, selection_reports = [], [], {}
+    with no_new_empty_folders(out), Progress(*columns, console=console) as progress:
         for spec in config.tasks:
             pairs_file = out / "pairs" / f"{spec.task}.parquet"
             if not pairs_file.is_file():
                 build_pairs(spec.task, pairs_file, adapter.tokenizer, data=spec.data, split=spec.split,
-                            seed=config.seed, corruptions=spec.corruptions, limit=spec.limit, progress=progress)
+                            seed=config.seed, corruptions=spec.corruptions, limit=spec.limit, progress=progress,
+                            budget=budget)
+            _record_config(config)  # once a step has finished: from then on the folder is a run folder
             kept_file = out / "selected" / f"{spec.task}.parquet"
             if not kept_file.is_file():
                 selection = select_pairs(adapter, read_pairs(pairs_file), threshold=config.threshold,
                                          seed=config.seed, balance=config.balance,
                                          max_per_cell=config.max_per_cell, progress=progress)
-                write_selection(selection, kept_file)
+                write_selection(selection, kept_file, pairs_provenance(pairs_file))
             selection_reports[spec.task] = selection_row(json.loads(selection_report_path(kept_file).read_text()))
             selected += read_pairs(kept_file)
+            selected_files.append(kept_file)
         console.print(f"{config.model}: selected {len(selected)} pairs ("
                       + ", ".join(f"{task} {s['kept']}" for task, s in selection_reports.items()) + ")")
-        results = patch_all(adapter, selected, config, progress)
+        results = patch_all(adapter, selected, config, progress, selected_files)
     return ModelResults(config.model, load_results(results), adapter, selected, selection_reports)
 
 
-def patch_all(adapter, pairs, config: RunConfig, progress) -> Path:
+def _record_config(config: RunConfig) -> None:
+    from notice.io import atomic_path
+
+    with atomic_path(config.out / "config.json") as tmp:
+        tmp.write_text(json.dumps(_as_json(config), indent=2) + "\n")
+
+
+def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence[Path] = ()) -> Path:
     """Patch every pair into the results store under the run folder (resumable per pair)."""
     from notice.patching.engine import count_cells, patch_pairs
+    from notice.store import file_record
 
     folder = config.out / "results"
     sites = list(config.sites)
     bar = progress.add_task("patching: cells", total=sum(count_cells(adapter, pairs, sites)))
     patch_pairs(adapter, pairs, sites, folder, direction=config.direction, max_memory=config.max_memory,
                 progress=lambda cells, skipped=False: progress.update(bar, advance=cells), model_name=config.model,
-                dtype=config.dtype)
+                dtype=config.dtype,
+                provenance={"seed": config.seed, "pairs": [file_record(path) for path in pairs_files]})
     return folder
 
 

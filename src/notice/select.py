@@ -19,9 +19,10 @@ import torch
 
 from notice.errors import NoticeError
 from notice.io import atomic_path, load_image
+from notice.models import PromptBudget
 from notice.pairs import CORRUPTIONS, Pair, write_pairs
 
-FILTERS = ("duplicate", "answers_share_first_token", "clean_wrong", "no_flip", "balance")
+FILTERS = ("duplicate", "prompt_too_long", "answers_share_first_token", "clean_wrong", "no_flip", "balance")
 
 
 @dataclass
@@ -51,14 +52,18 @@ def selection_report_path(out: str | Path) -> Path:
 
 # -------------------------------------------------------------------------- model runs
 class _Images:
-    """Images by path, loaded once per run."""
+    """Images by path, loaded once per run; an unreadable one is named with its pair."""
 
     def __init__(self):
         self.cache: dict[str, Any] = {}
 
-    def __call__(self, path: str):
+    def __call__(self, pair: Pair, key: str):
+        path = getattr(pair, key)
         if path not in self.cache:
-            self.cache[path] = load_image(path)
+            try:
+                self.cache[path] = load_image(path)
+            except NoticeError as error:
+                raise NoticeError(f"pair {pair.id} ({key}): {error}") from error
         return self.cache[path]
 
 
@@ -91,7 +96,7 @@ def _run(adapter, pairs: Sequence[Pair], side: str, batch_size: int, progress) -
     for start in range(0, len(plain), batch_size * 8):  # load a slice of images at a time
         chunk = plain[start:start + batch_size * 8]
         images = _Images()  # per slice, so memory stays bounded on large datasets
-        pictures = [images(pairs[i].clean_image if side == "clean" else pairs[i].corrupt_image) for i in chunk]
+        pictures = [images(pairs[i], "clean_image" if side == "clean" else "corrupt_image") for i in chunk]
         prompts = [pairs[i].clean_prompt if side == "clean" else pairs[i].corrupt_prompt for i in chunk]
         for i, row in zip(chunk, adapter.answer_logits(pictures, prompts, batch_size=batch_size)):
             out[i] = row
@@ -100,7 +105,7 @@ def _run(adapter, pairs: Sequence[Pair], side: str, batch_size: int, progress) -
     for start in range(0, len(noisy), batch_size * 8):
         chunk = noisy[start:start + batch_size * 8]
         images = _Images()
-        logits = noise_logits(adapter, [pairs[i] for i in chunk], [images(pairs[i].clean_image) for i in chunk],
+        logits = noise_logits(adapter, [pairs[i] for i in chunk], [images(pairs[i], "clean_image") for i in chunk],
                               batch_size=batch_size)
         for i, row in zip(chunk, logits):
             out[i] = row
@@ -145,8 +150,15 @@ def select_pairs(adapter, pairs: Sequence[Pair], threshold: float = 0.0, seed: i
         seen.add(key)
         seen_ids.add(pair.id)
         unique.append(pair)
-    distinct = []
+    budget = PromptBudget.of(adapter)
+    readable = []
     for pair in unique:
+        if budget.excess(pair.clean_prompt) or budget.excess(pair.corrupt_prompt):
+            selection.dropped[pair.corruption]["prompt_too_long"] += 1
+        else:
+            readable.append(pair)
+    distinct = []
+    for pair in readable:
         if adapter.answer_token_ids(pair.correct)[0] == adapter.answer_token_ids(pair.incorrect)[0]:
             selection.dropped[pair.corruption]["answers_share_first_token"] += 1
         else:
@@ -211,8 +223,10 @@ def balance_pairs(pairs: Sequence[Pair], seed: int, max_per_cell: int | None = N
     return [p for p in pairs if p.id in keep]
 
 
-def write_selection(selection: Selection, out: str | Path) -> tuple[Path, Path]:
-    """Write the kept pairs (Parquet) and the drop counts (JSON beside it), both or neither."""
+def write_selection(selection: Selection, out: str | Path,
+                    provenance: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write the kept pairs (Parquet, with `provenance` and the selection's settings in its metadata) and
+    the drop counts (JSON beside it), both or neither."""
     out = Path(out)
     report = selection_report_path(out)
     if not selection.kept:
@@ -221,7 +235,7 @@ def write_selection(selection: Selection, out: str | Path) -> tuple[Path, Path]:
     with atomic_path(report) as tmp:
         tmp.write_text(json.dumps(selection.as_dict(), indent=2) + "\n")
     try:
-        write_pairs(selection.kept, out)
+        write_pairs(selection.kept, out, dict(provenance or {}, selection=selection.settings))
     except BaseException:
         report.unlink(missing_ok=True)
         raise

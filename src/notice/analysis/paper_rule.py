@@ -23,7 +23,7 @@ loading a model. A pair the rule cannot score is listed with the reason, never g
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -47,14 +47,16 @@ RULE_TITLES = {
 }
 
 
-def check_rules(rules: Iterable[str]) -> list[str]:
-    """The rules asked for ("notice" or "default,notice"), in a stable order; unknown ones are a
-    one-line error."""
-    asked = [r.strip() for rule in rules for r in str(rule).split(",") if r.strip()]
+def check_rules(rules: Sequence[str], name: str = "rules") -> list[str]:
+    """The rules asked for (["notice"], ["default,notice"]), in a stable order; else one line naming
+    `name` and what to write."""
+    if not isinstance(rules, (list, tuple)) or not all(isinstance(rule, str) for rule in rules):
+        raise NoticeError(f"{name} must be rule names, e.g. [default, notice], not {rules!r}")
+    asked = [r.strip() for rule in rules for r in rule.split(",") if r.strip()]
     unknown = [r for r in asked if r not in RULES]
     if unknown or not asked:
-        raise NoticeError(f"unknown head-selection rule(s) {', '.join(unknown) or '(none given)'}: "
-                         f"use {', '.join(RULES)}")
+        raise NoticeError(f"{name} has unknown head-selection rule(s) {', '.join(unknown) or '(none given)'}: "
+                          f"use {', '.join(RULES)}")
     return [r for r in RULES if r in asked]
 
 

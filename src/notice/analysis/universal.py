@@ -24,12 +24,21 @@ def condition_labels(table: pd.DataFrame) -> pd.Series:
 def rank_by_condition(table: pd.DataFrame, stream: str = "text", component: str = "cross_attn",
                       metric: str = METRIC, sigmas: float = 2.0, top_k: int = 10, seed: int = 0) -> dict[str, pd.DataFrame]:
     """Ranked heads per condition (see `condition_labels`)."""
-    out = {}
+    return {name: rank_heads(effects, metric, sigmas=sigmas, top_k=top_k, seed=seed)
+            for name, effects in _condition_effects(table, stream, component, metric)}
+
+
+def condition_names(table: pd.DataFrame, stream: str = "text", component: str = "cross_attn",
+                    metric: str = METRIC) -> list[str]:
+    """The conditions that `rank_by_condition` ranks (those with head effects), without ranking them."""
+    return [name for name, _ in _condition_effects(table, stream, component, metric)]
+
+
+def _condition_effects(table: pd.DataFrame, stream: str, component: str, metric: str):
     for condition, rows in table.groupby(condition_labels(table), sort=True):
         effects = head_effects(rows, stream, component, metric)
         if not effects.empty:
-            out[str(condition)] = rank_heads(effects, metric, sigmas=sigmas, top_k=top_k, seed=seed)
-    return out
+            yield str(condition), effects
 
 
 def universal_heads(rankings: dict[str, pd.DataFrame], min_conditions: int | None = None,

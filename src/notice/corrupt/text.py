@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from notice.errors import NoticeError
@@ -34,14 +33,12 @@ def load_tokenizer(model: str):
     """The fast tokenizer of an embedded model name, a saved folder or a hub id (offsets are needed)."""
     from transformers import AutoTokenizer
 
-    from notice.models import EMBEDDED
+    from notice.models import resolve_model
 
-    source = str(EMBEDDED.get(model, model))
-    if model in EMBEDDED and not Path(source).is_dir():
-        raise NoticeError(f"embedded model {model!r} is missing from {source}; pass --model FOLDER or reinstall notice")
+    source = resolve_model(model)  # a one-line error within seconds for an unknown name or an unreachable hub
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as error:  # offline hub, unknown id, folder without tokenizer files
+    except Exception as error:  # unknown hub id, folder without tokenizer files
         raise NoticeError(f"cannot load the tokenizer of {model!r} ({error.__class__.__name__}); "
                           "pass --model with a folder written by save_pretrained or a reachable hub id") from error
     if not getattr(tokenizer, "is_fast", False):

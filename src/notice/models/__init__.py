@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import re
+import socket
+import threading
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit
 
 import torch
 
@@ -27,6 +36,7 @@ def _adapter_class(model_type: str):
 
 
 def _model_type(source: str) -> str:
+    """The model_type of a resolved source (see `resolve_model`): a folder's config.json, or the hub's."""
     folder = Path(source)
     if folder.is_dir():
         config_file = folder / "config.json"
@@ -37,11 +47,116 @@ def _model_type(source: str) -> str:
 
     try:
         return AutoConfig.from_pretrained(source).model_type
-    except Exception as error:  # offline hub, unknown id, malformed config: all mean the same to a user
-        raise NoticeError(
-            f"cannot load model {source!r}: it is not an embedded model ({', '.join(EMBEDDED)}), not a local "
-            f"folder, and the hub did not serve it ({error.__class__.__name__}); check the name or download it "
-            "and pass the folder") from error
+    except Exception as error:  # unknown id, gated repository, malformed config: all mean the same to a user
+        raise NoticeError(f"cannot load model {source!r}: the hub did not serve it ({error.__class__.__name__}); "
+                          f"check the id; {_choices(source)}, or pass a folder written by save_pretrained") from error
+
+
+def _choices(name: str) -> str:
+    """The embedded names, the closest first when `name` looks like a typo of one."""
+    close = difflib.get_close_matches(name, list(EMBEDDED), n=1)
+    return (f"did you mean {close[0]}? " if close else "") + f"the embedded models are {', '.join(EMBEDDED)}"
+
+
+HUB_TIMEOUT_S = 3.0  # a reachable hub answers a TCP connect well within this
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def resolve_model(name: str) -> str:
+    """The folder or hub id behind a model name: an embedded name, a local folder, or a hub id that the
+    local cache holds or the hub can serve. Anything else is a one-line error within seconds."""
+    if name in EMBEDDED:
+        if not EMBEDDED[name].is_dir():
+            raise NoticeError(f"embedded model {name!r} is missing from {EMBEDDED[name]}; reinstall notice or run "
+                              "`notice train-default`")
+        return str(EMBEDDED[name])
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder)
+    choices = _choices(name)
+    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or not _HUB_ID.fullmatch(name):
+        raise NoticeError(f"model {name!r} is not a folder written by save_pretrained nor a hub id; {choices}")
+    if hub_reachable():
+        return name
+    cached = _cached_snapshot(name)  # downloaded before: read it without asking the hub
+    if cached is None:
+        raise NoticeError(f"model {name!r} is not an embedded name nor a local folder, and the hub cannot be "
+                          f"reached to fetch it ({_hub_address()}); {choices}, or pass a folder written by "
+                          "save_pretrained")
+    return cached
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub id that was downloaded before, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed id for the cache's rules
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def _hub_address() -> str:
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy in use) opens within `timeout` seconds;
+    False at once under HF_HUB_OFFLINE. The probe runs in a thread so that a slow DNS cannot stall it."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        endpoint = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """The most positions a model reads, and how many a question's prompt takes in it."""
+
+    model: str
+    limit: int
+    length: Callable[[str], int]
+
+    @classmethod
+    def of(cls, adapter) -> "PromptBudget":
+        """The budget of a loaded model (lengths measured once per prompt)."""
+        return cls(adapter.name, adapter.max_prompt_tokens, functools.lru_cache(maxsize=None)(adapter.token_length))
+
+    def excess(self, question: str) -> int | None:
+        """The prompt's length when it exceeds the limit, else None."""
+        length = self.length(question)
+        return length if length > self.limit else None
+
+    def describe(self, question: str, length: int) -> str:
+        return f"the prompt {question!r} is {length} tokens, more than the {self.limit} that {self.model} reads"
+
+
+def prompt_budget(name: str) -> PromptBudget:
+    """The prompt budget of a model from its config and processor, without loading its weights
+    (`notice pairs` checks every pair against it)."""
+    source = resolve_model(name)
+    limit, length = _adapter_class(_model_type(source)).prompt_budget(source)
+    return PromptBudget(name, limit, functools.lru_cache(maxsize=None)(length))
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -51,9 +166,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars speak for long work
-    source = str(EMBEDDED.get(name, name))
-    if name in EMBEDDED and not Path(source).is_dir():
-        raise NoticeError(f"embedded model {name!r} is missing from {source}; reinstall notice or run `notice train-default`")
+    source = resolve_model(name)
     adapter_class = _adapter_class(_model_type(source))
     extra = {}
     if load_in_4bit:

@@ -114,6 +114,11 @@ class AdapterCommon:
     cross_layer_streams: frozenset[str] = frozenset()  # streams whose patched_logits takes several layers
     answer_batch_size = 64
 
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The most positions a prompt may take (`token_length`); longer ones are refused at the boundary."""
+        return self.prompt_limit(self.model.config)
+
     @torch.no_grad()
     def answer_logits(self, images: Sequence, questions: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
         """The first answer token's logits over the vocabulary, [B, V] float32."""

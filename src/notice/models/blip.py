@@ -13,8 +13,9 @@ The quantity every patching metric uses is the answer decoder's first-step logit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,19 @@ class BlipAdapter(AdapterCommon):
         processor = BlipProcessor.from_pretrained(str(source))
         return cls(model.to(device), processor, name or str(source))
 
+    @staticmethod
+    def prompt_limit(config) -> int:
+        """The text encoder's position embeddings: a longer question cannot be read at all."""
+        return int(config.text_config.max_position_embeddings)
+
+    @classmethod
+    def prompt_budget(cls, source: str | Path) -> tuple[int, Callable[[str], int]]:
+        """(prompt_limit, question → token length) from the config and tokenizer alone, without weights."""
+        from transformers import AutoTokenizer, BlipConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        return cls.prompt_limit(BlipConfig.from_pretrained(str(source))), partial(_question_length, tokenizer)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -104,7 +118,7 @@ class BlipAdapter(AdapterCommon):
         return self.tokenizer.convert_ids_to_tokens(ids)
 
     def token_length(self, question: str) -> int:
-        return len(self.tokenizer(question)["input_ids"])
+        return _question_length(self.tokenizer, question)
 
     def answer_token_ids(self, answer: str) -> list[int]:
         """Wordpiece ids of an answer, without [CLS]/[SEP]."""
@@ -473,6 +487,11 @@ class BlipAdapter(AdapterCommon):
         return {"family": self.family, "name": self.name, "image_tokens": self.num_image_tokens,
                 "vocab_size": int(self.model.config.text_config.vocab_size),
                 "streams": {k: vars(v) for k, v in self.streams.items()}}
+
+
+def _question_length(tokenizer, question: str) -> int:
+    """Positions the text encoder reads for a question, [CLS] and [SEP] included."""
+    return len(tokenizer(question)["input_ids"])
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,20 @@ class LlavaAdapter(AdapterCommon):
         processor = LlavaProcessor.from_pretrained(str(source))
         return cls(model if load_in_4bit else model.to(device), processor, name or str(source))
 
+    @staticmethod
+    def prompt_limit(config) -> int:
+        """The language model's trained context: image tokens, template and question together."""
+        return int(config.text_config.max_position_embeddings)
+
+    @classmethod
+    def prompt_budget(cls, source: str | Path) -> tuple[int, Callable[[str], int]]:
+        """(prompt_limit, question → prompt length) from the config and processor alone, without weights."""
+        from transformers import LlavaConfig, LlavaProcessor
+
+        processor = LlavaProcessor.from_pretrained(str(source))
+        return (cls.prompt_limit(LlavaConfig.from_pretrained(str(source))),
+                lambda question: len(_prompt_ids(processor, question)))
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -123,8 +137,7 @@ class LlavaAdapter(AdapterCommon):
     # ----------------------------------------------------------------- inputs
     def prompt(self, question: str) -> str:
         """The question in the model's chat template, one image before it, ending where the answer starts."""
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+        return _chat_prompt(self.processor, question)
 
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]) -> LlavaInputs:
         """Processor inputs for one batch; the prompts must tokenize to one length."""
@@ -143,9 +156,7 @@ class LlavaAdapter(AdapterCommon):
         return inputs
 
     def _prompt_ids(self, question: str) -> list[int]:
-        image = Image.new("RGB", (8, 8))
-        ids = self.processor(images=[image], text=[self.prompt(question)], return_tensors="pt")["input_ids"][0]
-        return ids.tolist()
+        return _prompt_ids(self.processor, question)
 
     def tokenize(self, question: str) -> list[str]:
         """Tokens of the whole prompt as the language model sees it; `lm` positions index this list."""
@@ -576,6 +587,18 @@ class LlavaAdapter(AdapterCommon):
             hidden = hidden + attn.o_proj(z.transpose(1, 2).reshape(n, q, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(self._lm.norm(hidden[:, -1])).float()
+
+
+def _chat_prompt(processor, question: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def _prompt_ids(processor, question: str) -> list[int]:
+    """The prompt's input ids as the language model reads them (the image expanded to its tokens)."""
+    image = Image.new("RGB", (8, 8))
+    encoded = processor(images=[image], text=[_chat_prompt(processor, question)], return_tensors="pt")
+    return encoded["input_ids"][0].tolist()
 
 
 def _rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from notice.checks import prompts_fit
 from notice.errors import NoticeError
 from notice.models.base import Patchable, PatchBatch, Trace
 from notice.pairs import Pair
@@ -160,6 +161,7 @@ def patch_pair(adapter: Patchable, pair: Pair, sites: Sequence[str], direction: 
     `progress(n)` is called after each batch with the number of cells it finished.
     """
     check_direction(direction)
+    prompts_fit(adapter, [pair])
     clean, corrupt = pair_runs(adapter, pair)
     cells = expand_sites(sites, adapter.streams, adapter.num_positions(pair.clean_prompt))
     streams = {site.stream for site in cells}
@@ -202,11 +204,13 @@ def count_cells(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str])
 
 def patch_pairs(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str], out, direction: str = "denoise", *,
                 max_memory: str | int = DEFAULT_MAX_MEMORY, batch_size: int | None = None, checks: bool = True,
-                progress: Callable[[int, bool], None] | None = None, model_name: str = "", dtype: str = "") -> dict:
+                progress: Callable[[int, bool], None] | None = None, model_name: str = "", dtype: str = "",
+                provenance: dict | None = None) -> dict:
     """A resumable sweep: one result shard per pair under `out`; pairs with a shard are skipped.
 
     Returns {"pairs", "done", "skipped", "cells"}; `progress(n, skipped)` counts cells as they finish,
-    and the cells of pairs finished by an earlier run (skipped=True)."""
+    and the cells of pairs finished by an earlier run (skipped=True). `provenance` (seed, pairs files)
+    goes into run.json beside the settings."""
     from notice.store import ResultStore
 
     check_direction(direction)
@@ -214,10 +218,11 @@ def patch_pairs(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str],
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise NoticeError(f"pair id {duplicate!r} occurs more than once: pair ids must be unique")
+    prompts_fit(adapter, pairs)  # every pair readable before the first shard is written
     model_name = model_name or getattr(adapter, "name", "")
     store = ResultStore(out, {"model": model_name, "sites": list(sites), "direction": direction,
                               "dtype": dtype or str(getattr(adapter, "dtype", "")).replace("torch.", ""),
-                              "answer_scoring": "first_token"})
+                              "answer_scoring": "first_token", **(provenance or {})})
     counts = count_cells(adapter, pairs, sites)
     summary = {"pairs": len(pairs), "done": 0, "skipped": 0, "cells": sum(counts)}
     for pair, count in zip(pairs, counts):

@@ -12,8 +12,6 @@ from notice.patching.metrics import DIRECTIONS, Baseline, answer_ids, baseline
 
 def pair_runs(adapter: Patchable, pair: Pair) -> tuple[Run, Run]:
     """The clean and the corrupt Run of a pair (noise pairs: the clean input plus seeded embedding noise)."""
-    clean_image = load_image(pair.clean_image)
-    corrupt_image = clean_image if pair.corrupt_image == pair.clean_image else load_image(pair.corrupt_image)
     noise = None
     if pair.corruption.endswith("_noise"):
         noise = pair.metadata.get("noise")
@@ -21,6 +19,8 @@ def pair_runs(adapter: Patchable, pair: Pair) -> tuple[Run, Run]:
             raise NoticeError(f"pair {pair.id}: a {pair.corruption} pair needs metadata['noise'] (see corrupt/noise.py)")
         noise = dict(noise, positions=resolve_positions(adapter, pair))  # as selection resolves them
     try:
+        clean_image = load_image(pair.clean_image)
+        corrupt_image = clean_image if pair.corrupt_image == pair.clean_image else load_image(pair.corrupt_image)
         return adapter.runs_for(clean_image, corrupt_image, pair.clean_prompt, pair.corrupt_prompt, noise)
     except NoticeError as error:
         raise NoticeError(f"pair {pair.id}: {error}") from error

@@ -87,6 +87,15 @@ def validate_site(site: Site, streams: Mapping[str, StreamFacts], num_positions:
                               f"{site.stream} has positions 0..{count - 1} for this input")
 
 
+def check_pattern(pattern: str) -> re.Match:
+    """The parts of one site pattern, or a one-line error that shows how to write one."""
+    match = _PATTERN_RE.match(pattern.strip())
+    if not match:
+        raise NoticeError(f"bad site pattern {pattern!r}: write stream.layer.component[.headH]@position with * "
+                          "for any, e.g. text.*.cross_attn.head*@* or lm.*.self_attn.head*@answer")
+    return match
+
+
 def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
                  num_positions: Mapping[str, int]) -> list[Site]:
     """Every concrete site matched by the patterns, in a stable order, without duplicates.
@@ -99,10 +108,7 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
         pattern = pattern.strip()
         if not pattern:
             continue
-        match = _PATTERN_RE.match(pattern)
-        if not match:
-            raise NoticeError(f"bad site pattern {pattern!r}: write stream.layer.component[.headH]@position with * "
-                              "for any, e.g. text.*.cross_attn.head*@* or lm.*.self_attn.head*@answer")
+        match = check_pattern(pattern)
         stream_names = list(streams) if match["stream"] == "*" else [match["stream"]]
         found = False
         for stream in stream_names:
@@ -140,6 +146,13 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
         if not found:
             raise NoticeError(f"site pattern {pattern!r} matches nothing in this model")
     return list(out)
+
+
+def check_patterns(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
+                   num_positions: Mapping[str, int]) -> None:
+    """Check patterns against a model's streams before its inputs are at hand (with `num_positions` of
+    any prompt): position numbers are checked per input later, once their lengths are known."""
+    expand_sites([re.sub(r"@\d+$", "@0", pattern.strip()) for pattern in patterns], streams, num_positions)
 
 
 def site_catalogue(streams: Mapping[str, StreamFacts]) -> list[str]:

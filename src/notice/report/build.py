@@ -11,8 +11,9 @@ import pandas as pd
 from notice.analysis import head_functions as hf
 from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
 from notice.analysis.paper_rule import PAPER_RULES, answer_records, check_rules
-from notice.analysis.universal import condition_labels, rank_by_condition, universal_heads
+from notice.analysis.universal import condition_labels, condition_names, rank_by_condition, universal_heads
 from notice.errors import NoticeError
+from notice.io import staged_folder
 from notice.pairs import Pair
 from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
 from notice.report.html import Report, Section, figure_html, table_html, write_report
@@ -113,15 +114,25 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
     """Write the report of one or several models to `out_dir`; with several, a comparison of
     their heads follows their own sections. `top_k` heads are listed per condition; the
     `universal_top_k` strongest of each condition count for the top-k variant of universality.
-    `rules` beyond "default" add the NOTICE paper's head selection (notice.analysis.paper_rule)."""
+    `rules` beyond "default" add the NOTICE paper's head selection (notice.analysis.paper_rule).
+    Everything is written beside `out_dir` first and moved in at the end: an error leaves it as it was."""
     rules = check_rules(rules)
-    if set(rules) & set(PAPER_RULES):
-        for model in models:
-            if not model.pairs:
-                raise NoticeError(f"--rule {', '.join(r for r in rules if r in PAPER_RULES)} reads where each answer "
-                                  f"word sits from the pairs: pass --pairs with the pairs files {model.name}'s results "
-                                  "were patched from")
-    out_dir = Path(out_dir)
+    for model in models:
+        count = len(condition_names(model.table, *focus_of(model.table)))
+        if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
+            raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
+                              f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
+        if set(rules) & set(PAPER_RULES) and not model.pairs:
+            raise NoticeError(f"--rule {', '.join(r for r in rules if r in PAPER_RULES)} reads where each answer "
+                              f"word sits from the pairs: pass --pairs with the pairs files {model.name}'s results "
+                              "were patched from")
+    with staged_folder(out_dir) as stage:
+        _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed, rules)
+    return Path(out_dir) / "index.html"
+
+
+def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None,
+                  top_k: int, universal_top_k: int, overlays_per_head: int, seed: int, rules: list[str]) -> Path:
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     sections, universals = [], {}
     for model in models:

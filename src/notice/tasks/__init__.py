@@ -6,7 +6,10 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
+from notice import __version__
 from notice.errors import NoticeError
+from notice.io import no_new_empty_folders
+from notice.models import PromptBudget
 from notice.pairs import DEFAULT_CORRUPTIONS, STR_FORMS, Pair, write_pairs
 
 
@@ -26,11 +29,13 @@ TASKS = ("svo-probes", "mit-states", "facial-expressions", "easyvqa-color", "eas
 
 def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None = None, split: str | None = None,
                 seed: int = 0, corruptions: Sequence[str] = DEFAULT_CORRUPTIONS, limit: int | None = None,
-                skip_bad: bool = False, progress=None, str_form: str = "one"):
+                skip_bad: bool = False, progress=None, budget: PromptBudget | None = None, str_form: str = "one"):
     """Read a task's data, derive its pairs and write them to `out` (Parquet) with derived images
     and masks in `<out stem>_files/`; returns the BuildReport. Nothing is written on error.
 
     `tokenizer` is the model's own (fast) tokenizer: STR and text-noise positions depend on it.
+    With `budget`, a sample whose prompt is longer than the model reads is bad input, named by its id
+    (all of a sample's pairs share its prompt's length: STR keeps the token count).
     `str_form` says what "text_str" makes: "one" (the right option swapped) or "both" (both
     options swapped, the NOTICE paper's form, stored as its own corruption text_str_both)."""
     from notice.tasks.common import Bad, BuildReport, DerivedFiles, check_corruptions, derive_pairs, steps
@@ -48,10 +53,15 @@ def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None =
     out = Path(out)
     report = BuildReport()
     bad = Bad(skip_bad, report)
-    with DerivedFiles(out) as files:
+    with no_new_empty_folders(out.parent), DerivedFiles(out) as files:
         samples = readers[task](data, files, split, seed, limit, bad, report, progress)
         pairs: list[Pair] = []
         for sample in steps(progress, samples, f"{task}: pairs"):
+            length = budget.excess(sample.prompt) if budget is not None else None
+            if length is not None:
+                bad("prompt longer than the model reads",
+                    f"sample {sample.id}: {budget.describe(sample.prompt, length)}; use a model that reads longer prompts")
+                continue
             try:
                 pairs += derive_pairs(sample, tokenizer, chosen, seed, report)
             except NoticeError as error:
@@ -59,5 +69,8 @@ def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None =
         if not pairs:
             raise NoticeError(f"no pairs made from {data or 'the installed data'} for {task}: "
                               f"skipped {dict(report.skipped) or 'nothing'}; check the data folder")
-        files.publish(lambda: write_pairs(pairs, out))
+        provenance = {"version": __version__, "task": task, "seed": seed, "model": budget.model if budget else None,
+                      "corruptions": list(chosen), "limit": limit, "split": split,
+                      "data": str(Path(data).resolve()) if data else None}
+        files.publish(lambda: write_pairs(pairs, out, provenance))
     return report
