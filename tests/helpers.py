@@ -199,3 +199,16 @@ def assert_both_options_swapped(pair, tokenizer) -> None:
     assert len(clean) == len(corrupt)
     assert {i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b} <= set(swap["positions"])
     assert isinstance(swap["rejected"], int)
+
+
+def paper_str_pairs(task: str, data: Path, out: Path, tokenizer, seed: int = 0) -> list:
+    """The text_str_both pairs of a task's fixture, each checked by `assert_both_options_swapped`."""
+    from notice.pairs import read_pairs
+    from notice.tasks import build_pairs
+
+    build_pairs(task, out, tokenizer, data=data, seed=seed, corruptions=["image_smp", "text_str_both"])
+    pairs = [p for p in read_pairs(out) if p.corruption == "text_str_both"]
+    assert pairs
+    for pair in pairs:
+        assert_both_options_swapped(pair, tokenizer)
+    return pairs

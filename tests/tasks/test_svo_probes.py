@@ -82,11 +82,7 @@ def test_bad_rows_stop_with_the_row_or_are_skipped_and_counted(tmp_path, bert_to
 
 def test_paper_str_form_swaps_both_options_for_other_words_of_the_role(tmp_path, bert_tokenizer):
     data = dataset_fixtures.svo_probes(tmp_path / "svo")
-    build_pairs("svo-probes", tmp_path / "p.parquet", bert_tokenizer, data=data, corruptions=["text_str_both"])
-    pairs = read_pairs(tmp_path / "p.parquet")
-    assert pairs
-    for pair in pairs:
-        helpers.assert_both_options_swapped(pair, bert_tokenizer)
+    for pair in helpers.paper_str_pairs("svo-probes", data, tmp_path / "p.parquet", bert_tokenizer):
         triplets = set(pair.metadata["pos_triplet"]) | set(pair.metadata["neg_triplet"])
         new = set(pair.metadata["str"]["replacement"])
         assert not new & triplets and not new & {ing_form(w) for w in triplets}  # no word of the question
