@@ -204,3 +204,19 @@ def test_rule_places_the_answer_word_in_tables_patched_from_real_models(family, 
             assert position > adapter.image_positions(ids).stop
             assert tokens[position] == record["tokens"][record["positions"][-1]]
             assert int(code.loc[pair.id, "position"]) == position
+
+
+def test_records_made_by_real_tokenizers_say_when_the_answer_is_absent():
+    from notice.tasks.common import answer_token_record
+
+    bert = helpers.blip_processor(32).tokenizer
+    yes_no = answer_token_record(bert, "is there a red shape?", None, "yes")
+    assert yes_no["positions"] == [] and yes_no["code_position"] is None
+    positions = pr.rule_positions(table_of(head_rows("q", yes_no["tokens"], {})), {"q": yes_no}, "text", "notice")
+    assert positions.loc[0, "reason"] == "answer word not in the question"
+    llama = helpers.llava_tokenizer()
+    prompt = "is the shape red or blue?"
+    record = answer_token_record(llama, prompt, (13, 16), "red")
+    assert record["tokens"][0] == "<s>" and record["question"] == [1, len(record["tokens"])]
+    assert record["first_piece"] in record["tokens"][record["positions"][0]]
+    assert record["code_position"] == record["positions"][0] - 1  # <s> plays [CLS]'s part
