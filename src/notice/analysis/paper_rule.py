@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from notice.analysis.heads import head_name
-from notice.errors import NoticeError
 from notice.analysis.universal import condition_labels, universal_heads
+from notice.errors import NoticeError
 
 RULES = ("default", "notice", "notice-code")
 PAPER_RULES = RULES[1:]
