@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,34 @@ def assert_same_table(fast, slow) -> None:
     for metric in PATCH_METRICS:
         numpy.testing.assert_allclose(fast[metric], slow[metric], rtol=PATCH_TOLERANCE, atol=PATCH_TOLERANCE,
                                       err_msg=metric)
+
+
+def assert_both_options_swapped(pair, tokenizer) -> None:
+    """A text_str_both pair: both options of the clean prompt replaced by two other words, tokens
+    aligned (equal length, differences only at the recorded positions)."""
+    swap = pair.metadata["str"]
+    assert pair.corruption == "text_str_both" and swap["form"] == "both"
+    assert swap["replaced"] == [pair.correct, pair.incorrect]
+    new = swap["replacement"]
+    assert len(set(new)) == 2 and not set(new) & {pair.correct, pair.incorrect}
+    expected = pair.clean_prompt
+    for old, word in zip(swap["replaced"], new):
+        expected = re.sub(rf"(?<![\w-]){re.escape(old)}(?![\w-])", word, expected, count=1)
+    assert pair.corrupt_prompt == expected
+    clean, corrupt = tokenizer(pair.clean_prompt)["input_ids"], tokenizer(pair.corrupt_prompt)["input_ids"]
+    assert len(clean) == len(corrupt)
+    assert {i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b} <= set(swap["positions"])
+    assert isinstance(swap["rejected"], int)
+
+
+def paper_str_pairs(task: str, data: Path, out: Path, tokenizer, seed: int = 0) -> list:
+    """The text_str_both pairs of a task's fixture, each checked by `assert_both_options_swapped`."""
+    from notice.pairs import read_pairs
+    from notice.tasks import build_pairs
+
+    build_pairs(task, out, tokenizer, data=data, seed=seed, corruptions=["image_smp", "text_str_both"])
+    pairs = [p for p in read_pairs(out) if p.corruption == "text_str_both"]
+    assert pairs
+    for pair in pairs:
+        assert_both_options_swapped(pair, tokenizer)
+    return pairs

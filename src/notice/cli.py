@@ -17,7 +17,7 @@ from notice import __version__
 from notice import checks as check
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
-from notice.pairs import CORRUPTIONS
+from notice.pairs import CORRUPTIONS, DEFAULT_CORRUPTIONS, STR_FORMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where and how vision-language models combine image and text (NOTICE).")
@@ -196,7 +196,11 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
           split: Optional[str] = typer.Option(None, help="easy-VQA: train or test (default test); "
                                                          "facial expressions: the images/ subfolder (default train)."),
           model: str = ModelOption,
-          corruptions: str = typer.Option(",".join(CORRUPTIONS), help="Comma-separated corruptions to make."),
+          corruptions: str = typer.Option(",".join(DEFAULT_CORRUPTIONS), help="Comma-separated corruptions to make "
+                                                                             "(text_str_both too)."),
+          str_form: str = typer.Option("one", "--str-form", help="What text_str makes: one (the right option "
+                                                                 "swapped) or both (both options swapped, the "
+                                                                 "paper's form, as text_str_both)."),
           limit: Optional[int] = typer.Option(None, help="Use at most N source items (images, CSV rows or "
                                                          "image matches)."),
           seed: int = typer.Option(0, help="Seed of every random choice (partners, option order, STR, noise)."),
@@ -209,6 +213,7 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
     with _boundary():
         check.check_all([("TASK", task, check.one_of(TASKS, "task")), ("--out", out, check.output_file),
                          ("--corruptions", corruptions, check.names(CORRUPTIONS, "corruption", comma_text=True)),
+                         ("--str-form", str_form, check.one_of(tuple(STR_FORMS), "STR form")),
                          ("--limit", limit, check.whole(1, optional=True))]
                         + ([("--data", data, check.existing_folder)] if data is not None else []))
         tokenizer = load_tokenizer(model)  # STR and text-noise positions follow the model's own tokenizer
@@ -216,7 +221,7 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
         with _progress() as progress:
             report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
                                  corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
-                                 progress=progress, budget=budget)
+                                 progress=progress, budget=budget, str_form=str_form)
     table = Table("corruption", "pairs", title=task)
     for kind, count in report.pairs.items():
         table.add_row(kind, str(count))
@@ -224,9 +229,10 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
     console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
     for reason, count in sorted(report.skipped.items()):
         console.print(f"skipped {count}: {reason}", highlight=False)
-    if report.str_rejected_candidates:
-        console.print(f"STR rejected {report.str_rejected_candidates} contrast word(s) whose tokens did not "
-                      "align with the clean prompt", highlight=False)
+    for kind, count in sorted(report.str_rejected.items()):
+        if count:
+            console.print(f"{kind} rejected {count} contrast word draw(s) whose tokens did not align with the "
+                          "clean prompt", highlight=False)
 
 
 @app.command()
@@ -380,18 +386,22 @@ def report(results: Path = typer.Argument(..., help="A run folder of `notice run
                                                          help="Folder written by `notice head-functions`."),
            title: str = typer.Option("notice report", help="Report title."),
            min_conditions: Optional[int] = typer.Option(None, help="Universal: important in at least k conditions."),
-           top_k: int = typer.Option(10, help="Heads listed per condition.")) -> None:
+           top_k: int = typer.Option(10, help="Heads listed per condition."),
+           rule: Optional[list[str]] = typer.Option(None, "--rule", help="Head-selection rule: default, notice (the "
+                                                                         "paper's) or notice-code (the research "
+                                                                         "code's position); several side by side, "
+                                                                         "e.g. --rule default,notice.")) -> None:
     """Heatmaps, ranked and universal heads, head functions: a static HTML report (reads tables only)."""
     from notice.report.build import report_from_folder
 
     with _boundary():
         check.check_all([("RESULTS", results, check.existing_folder), ("--out", out, check.output_folder),
                          ("--min-conditions", min_conditions, check.whole(1, optional=True)),
-                         ("--top-k", top_k, check.whole(1))]
+                         ("--top-k", top_k, check.whole(1)), ("--rule", rule or ["default"], check.head_rules)]
                         + [("--pairs", path, check.existing_file) for path in pairs or []]
                         + ([("--head-functions", head_functions, check.existing_folder)] if head_functions else []))
         page = report_from_folder(results, out, pairs_files=pairs or [], head_functions=head_functions, title=title,
-                                  min_conditions=min_conditions, top_k=top_k)
+                                  min_conditions=min_conditions, top_k=top_k, rules=rule or ["default"])
     console.print(f"report: {page}")
 
 

@@ -17,7 +17,11 @@ import pandas as pd
 from notice.errors import NoticeError
 from notice.io import atomic_path
 
-CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise")
+# text_str swaps the right option for a contrast word; text_str_both swaps both options (the
+# NOTICE paper's form). They are separate corruptions so that no count or ranking pools them.
+CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise", "text_str_both")
+DEFAULT_CORRUPTIONS = CORRUPTIONS[:4]  # what `notice pairs` makes unless asked
+STR_FORMS = {"one": "text_str", "both": "text_str_both"}
 # metadata entries that are file paths (object masks): stored relative like the images
 PATH_METADATA = ("clean_mask", "corrupt_mask")
 

@@ -48,6 +48,7 @@ class RunConfig:
     max_memory: str = "8GB"
     min_conditions: int | None = None
     top_k: int = 10
+    rule: tuple[str, ...] = ("default",)  # head-selection rules of the report (notice.analysis.paper_rule)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,7 +64,8 @@ def _checks() -> tuple[dict[str, Check], dict[str, dict[str, Check]], dict[str, 
                            "balance": check.flag},
                 "patch": {"sites": check.site_patterns, "direction": check.one_of(DIRECTIONS, "direction"),
                           "max_memory": check.memory},
-                "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1)}}
+                "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1),
+                           "rule": check.head_rules}}
     task = {"task": check.one_of(TASKS, "task"), "data": check.text(optional=True), "split": check.text(optional=True),
             "corruptions": check.names(CORRUPTIONS, "corruption"), "limit": check.whole(1, optional=True)}
     return top, sections, task
@@ -106,8 +108,9 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
     flat: dict[str, Any] = {k: top[k] for k in ("model", "title", "seed", "device", "dtype") if k in top}
     for section, keys in section_checks.items():
         flat.update(_checked(top.get(section) or {}, keys, section, source))
-    if "sites" in flat:
-        flat["sites"] = tuple(flat["sites"])
+    for key in ("sites", "rule"):
+        if key in flat:
+            flat[key] = tuple(flat[key])
     tasks = top.get("tasks")
     if not tasks:
         raise NoticeError(f"{source}: list at least one entry under tasks (e.g. - task: easyvqa-color)")
@@ -149,7 +152,7 @@ def run_pipeline(config: RunConfig, console) -> Path:
 
     results = run_steps(config, console)
     return make_report([results], config.out / "report", config.title, min_conditions=config.min_conditions,
-                       top_k=config.top_k, seed=config.seed)
+                       top_k=config.top_k, seed=config.seed, rules=config.rule)
 
 
 def run_demo(out: str | Path, console) -> Path:

@@ -10,12 +10,14 @@ import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
-from notice.analysis.universal import condition_names, rank_by_condition, universal_heads
+from notice.analysis.paper_rule import PAPER_RULES, answer_records, check_rules
+from notice.analysis.universal import condition_labels, condition_names, rank_by_condition, universal_heads
 from notice.errors import NoticeError
 from notice.io import load_image, staged_folder
 from notice.pairs import Pair
 from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
 from notice.report.html import Report, Section, figure_html, table_html, write_report
+from notice.report.rules import rule_section
 
 COMPONENT_TITLES = {"layer": "layer output", "self_attn": "self-attention", "cross_attn": "cross-attention",
                     "mlp": "MLP"}
@@ -68,8 +70,9 @@ def condition_section(condition: str, rows: pd.DataFrame, ranked: pd.DataFrame |
     if ranked is not None:
         shown = ranked.head(top_k).assign(head=lambda f: [head_name(l, h) for l, h in zip(f["layer"], f["head"])])
         shown = shown[["rank", "head", "mean_abs_effect", "ci_low", "ci_high", "mean_effect", "samples", "important"]]
-        body += (f'<p class="note">Heads ranked by mean |normalized effect| over samples, 95% bootstrap interval; '
-                 f"important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>" + table_html(shown))
+        body += (f'<p class="note">Rule default: heads ranked by mean |normalized effect| over samples, 95% bootstrap '
+                 f"interval; important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>"
+                 + table_html(shown))
     return Section(prefix + condition, body)
 
 
@@ -101,23 +104,30 @@ class ModelResults:
 
 
 def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
-                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0) -> Path:
+                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0,
+                rules: Sequence[str] = ("default",)) -> Path:
     """Write the report of one or several models to `out_dir`; with several, a comparison of
     their heads follows their own sections. `top_k` heads are listed per condition; the
     `universal_top_k` strongest of each condition count for the top-k variant of universality.
+    `rules` beyond "default" add the NOTICE paper's head selection (notice.analysis.paper_rule).
     Everything is written beside `out_dir` first and moved in at the end: an error leaves it as it was."""
+    rules = check_rules(rules)
     for model in models:
         count = len(condition_names(model.table, *focus_of(model.table)))
         if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
             raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
                               f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
+        if set(rules) & set(PAPER_RULES) and not model.pairs:
+            raise NoticeError(f"--rule {', '.join(r for r in rules if r in PAPER_RULES)} reads where each answer "
+                              f"word sits from the pairs: pass --pairs with the pairs files {model.name}'s results "
+                              "were patched from")
     with staged_folder(out_dir) as stage:
-        _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed)
+        _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed, rules)
     return Path(out_dir) / "index.html"
 
 
 def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None,
-                  top_k: int, universal_top_k: int, overlays_per_head: int, seed: int) -> Path:
+                  top_k: int, universal_top_k: int, overlays_per_head: int, seed: int, rules: list[str]) -> Path:
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     sections, universals = [], {}
     for model in models:
@@ -125,18 +135,20 @@ def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min
         focus = focus_of(model.table)
         rankings = rank_by_condition(model.table, *focus, top_k=universal_top_k, seed=seed)
         sections.append(overview_section(model.table, model.selection, prefix))
-        for (task, modality), rows in model.table.groupby(["task", "modality"], sort=True):
-            condition = f"{task}/{modality}"
+        for condition, rows in model.table.groupby(condition_labels(model.table), sort=True):
             sections.append(condition_section(condition, rows, rankings.get(condition), out_dir, focus, top_k,
                                               prefix))
         universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame()
         universals[model.name] = (focus, rankings, universal)
         k = len(rankings) if min_conditions is None else min_conditions
         sections.append(Section(f"{prefix}Universal heads", (
-            f'<p class="note">{COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important (mean + 2σ) '
-            f"in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
+            f'<p class="note">Rule default: {COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important '
+            f"(mean + 2σ) in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
             + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
             + _top_k_universal(rankings, min_conditions, universal_top_k))))
+        if rules != ["default"]:
+            sections.append(rule_section(model.table, answer_records(model.pairs), focus, rules, rankings, out_dir,
+                                         min_conditions, prefix, _slug(prefix) + "-" if prefix else ""))
         if model.head_functions is not None:
             heads = _focus_heads(universal, rankings)
             sections.append(head_function_section(model.head_functions, model.pairs, heads, out_dir,
@@ -237,7 +249,8 @@ def head_function_section(functions: hf.HeadFunctions, pairs: Sequence[Pair], fo
 
 
 def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (), head_functions: Path | None = None,
-                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10) -> Path:
+                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10,
+                       rules: Sequence[str] = ("default",)) -> Path:
     """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder; head
     functions from a `notice head-functions` folder (a run folder has its own)."""
     import json
@@ -246,6 +259,7 @@ def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (
     from notice.select import selection_row
     from notice.store import load_results
 
+    rules = check_rules(rules)  # before anything slow
     results = Path(results)
     run_config = results / "config.json"
     selection: dict[str, dict] = {}
@@ -269,4 +283,4 @@ def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (
         name = str(table["model"].iloc[0])
     pairs = [p for f in pairs_files for p in read_pairs(f)]
     return make_report([ModelResults(name or "unknown", table, functions, pairs, selection)], out, title,
-                       min_conditions=min_conditions, top_k=top_k)
+                       min_conditions=min_conditions, top_k=top_k, rules=rules)

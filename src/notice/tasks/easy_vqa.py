@@ -212,8 +212,8 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
     kind "color": the same picture with the shape recoloured; kind "shape": a different shape
     drawn in the same box and colour. Coverage masks of both objects are saved as PNG."""
     from notice.io import load_image, save_mask
+    from notice.tasks.common import Sample, both_options_pool, choice_order, steps
     from notice.tasks.shape_edits import recolor, redraw
-    from notice.tasks.common import Sample, choice_order, steps
 
     if kind not in ("color", "shape"):
         raise ValueError(f"easy-VQA minimal pairs are 'color' or 'shape', not {kind!r}")
@@ -261,6 +261,7 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
             corrupt_mask = clean_mask  # the recoloured object covers the same pixels
         a, b = choice_order(rng, *answers)
         prompt = template.format(a=a, b=b)
+        pool = both_options_pool(answers, vocabulary, lambda word: ())  # palette colours and shapes: no synonyms
         meta = {"image_id": image_id, "split": split, "color": color, "shape": shape}
         for direction, (right, wrong), (clean, other), (mask, other_mask) in (
                 ("forward", answers, (str(path), str(corrupt_path)), (clean_mask, corrupt_mask)),
@@ -269,5 +270,5 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
                 id=f"{task}-{stem}-{direction}", task=task, clean_image=clean, corrupt_image=other, prompt=prompt,
                 correct=right, incorrect=wrong, category=right, str_candidates=vocabulary,
                 metadata=dict(meta, direction=direction, clean_mask=str(mask), corrupt_mask=str(other_mask)),
-                noise_positions="object"))
+                noise_positions="object", str_both_candidates={a: pool, b: pool}))
     return samples
