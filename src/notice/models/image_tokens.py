@@ -161,12 +161,20 @@ class ImageTokenAdapter(ModelAdapter):
 
     # ------------------------------------------------------------ the LM's facts
     def rope(self, cache: dict, start: int, count: int, layer: int) -> Rope:
-        """cos, sin [1, count, d] of positions start..start+count-1 for a layer (plain 1-D positions)."""
-        positions = torch.arange(start, start + count, device=self.device)[None]
-        return self.lm.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+        """cos, sin [1, count, d] of positions start..start+count-1 for a layer (plain 1-D positions, the
+        same for every layer: computed once per span and kept in the run's cache)."""
+        known = cache.setdefault("rope", {})
+        if (start, count) not in known:
+            positions = torch.arange(start, start + count, device=self.device)[None]
+            known[start, count] = self.lm.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+        return known[start, count]
 
     def lm_mask(self, cache: dict, layer: int, start: int, count: int) -> torch.Tensor | None:
-        return causal_mask(start, count, self.device)
+        """Which keys each rerun query sees (causal), kept in the run's cache per span."""
+        known = cache.setdefault("mask", {})
+        if (start, count) not in known:
+            known[start, count] = causal_mask(start, count, self.device)
+        return known[start, count]
 
     def rerun_start(self, cache: dict, position: int) -> int:
         """The first position a patch at `position` can change (later positions only, in a causal LM)."""
