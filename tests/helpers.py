@@ -119,8 +119,9 @@ LLAVA_SENTENCES = ["what color is the shape?", "is the shape red or blue?", "is 
                    "USER: ASSISTANT: describe the picture", "there is a brown triangle and a black circle"]
 
 
-def llava_tokenizer(sentences=LLAVA_SENTENCES, vocab_size: int = 160):
-    """A small Llama-style BPE tokenizer (metaspace, <s> prepended), trained here on a few sentences."""
+def llava_tokenizer(sentences=LLAVA_SENTENCES, vocab_size: int = 160, image_token_attribute: bool = True):
+    """A small Llama-style BPE tokenizer (metaspace, <s> prepended), trained here on a few sentences.
+    BLIP-2/InstructBLIP processors want a tokenizer without an `image_token` attribute (they add their own)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -134,7 +135,8 @@ def llava_tokenizer(sentences=LLAVA_SENTENCES, vocab_size: int = 160):
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+                                   pad_token="<pad>",
+                                   extra_special_tokens={"image_token": "<image>"} if image_token_attribute else None)
 
 
 def llava_processor(image_size: int, patch_size: int, tokenizer=None):
@@ -183,6 +185,84 @@ def save_llava(folder: Path, arch: dict, seed: int = 0) -> Path:
     return folder
 
 
+# ------------------------------------------------------------------- BLIP-2, InstructBLIP
+TINY_QFORMER = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                    qformer_hidden=32, qformer_layers=3, qformer_heads=2, qformer_mlp=64, cross_every=2, queries=4,
+                    text_hidden=32, text_layers=2, text_heads=4, text_kv_heads=2, text_mlp=64)
+QFORMER_SENTENCES = LLAVA_SENTENCES + ["Question: Answer: Short answer: is the shape red?"]  # the prompts' words, whole
+
+
+def opt_tokenizer(sentences=QFORMER_SENTENCES, vocab_size=400):
+    """A small GPT-2-style byte-level BPE tokenizer as OPT's: `</s>` prepended as BOS, offsets trimmed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]  # OPT's ids: <pad> 1, </s> 2
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=True),
+        processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def qformer_model(kind: str, arch: dict, tokenizer, seed: int = 0):
+    """A random-init BLIP-2 (kind "blip-2", OPT) or InstructBLIP ("instructblip", Llama as Vicuna), sensitized,
+    its query tokens drawn at unit scale (at their zero init the image would not reach the answer)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, InstructBlipConfig, \
+        InstructBlipForConditionalGeneration
+
+    vision = dict(image_size=arch["image_size"], patch_size=arch["patch_size"], hidden_size=arch["vision_hidden"],
+                  num_hidden_layers=arch["vision_layers"], num_attention_heads=arch["vision_heads"],
+                  intermediate_size=arch["vision_mlp"], initializer_range=0.02)
+    qformer = dict(hidden_size=arch["qformer_hidden"], num_hidden_layers=arch["qformer_layers"],
+                   num_attention_heads=arch["qformer_heads"], intermediate_size=arch["qformer_mlp"],
+                   cross_attention_frequency=arch["cross_every"], encoder_hidden_size=arch["vision_hidden"])
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256)
+    if kind == "blip-2":
+        text = dict(model_type="opt", hidden_size=arch["text_hidden"], num_hidden_layers=arch["text_layers"],
+                    num_attention_heads=arch["text_heads"], ffn_dim=arch["text_mlp"],
+                    word_embed_proj_dim=arch["text_hidden"], **ids)
+        config_class, model_class = Blip2Config, Blip2ForConditionalGeneration
+    else:
+        text = dict(model_type="llama", hidden_size=arch["text_hidden"], num_hidden_layers=arch["text_layers"],
+                    num_attention_heads=arch["text_heads"], num_key_value_heads=arch["text_kv_heads"],
+                    intermediate_size=arch["text_mlp"], tie_word_embeddings=False, **ids)
+        config_class, model_class = InstructBlipConfig, InstructBlipForConditionalGeneration
+    config = config_class(vision_config=vision, qformer_config=qformer, text_config=text,
+                          num_query_tokens=arch["queries"], image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = sensitize(model_class(config), seed)
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def qformer_processor(kind: str, arch: dict):
+    from transformers import BertTokenizer, Blip2Processor, BlipImageProcessorPil, InstructBlipProcessor
+
+    image_processor = BlipImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]})
+    if kind == "blip-2":
+        return Blip2Processor(image_processor=image_processor, tokenizer=opt_tokenizer(), num_query_tokens=arch["queries"])
+    qformer_tokenizer = BertTokenizer(vocab=str(bert_vocab_file()), do_lower_case=True, model_max_length=512)
+    tokenizer = llava_tokenizer(QFORMER_SENTENCES, 200, image_token_attribute=False)
+    return InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+                                 num_query_tokens=arch["queries"])
+
+
+def save_qformer(folder: Path, kind: str, arch: dict = TINY_QFORMER, seed: int = 0) -> Path:
+    """A random-init BLIP-2 or InstructBLIP checkpoint with its processor, written by save_pretrained."""
+    processor = qformer_processor(kind, arch)
+    qformer_model(kind, arch, processor.tokenizer, seed).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 # ------------------------------------------------------------------ patching fixtures
 PATCH_METRICS = ["ld", "normalized_effect", "p_correct", "delta_p", "kl"]
 PATCH_TOLERANCE = 1e-4  # fp32, absolute and relative
@@ -217,12 +297,14 @@ def every_site_kind(adapter, pair) -> list[str]:
     positions = adapter.num_positions(pair_runs(adapter, pair)[0])
     sites = []
     for stream, facts in adapter.streams.items():
-        last_layer, last_position = facts.layers - 1, positions[stream] - 1
         for component in facts.components:
+            layers = [l for l in range(facts.layers) if facts.has(component, l)]  # some only on some layers
+            last_position = facts.rows(component, positions[stream]) - 1
             heads = [""] + ([".head0", f".head{facts.heads - 1}"] if component.endswith("attn") else [])
             for head in heads:
-                sites += [f"{stream}.0.{component}{head}@0", f"{stream}.{last_layer}.{component}{head}@{last_position}",
-                          f"{stream}.{last_layer // 2}.{component}{head}@all"]
+                sites += [f"{stream}.{layers[0]}.{component}{head}@0",
+                          f"{stream}.{layers[-1]}.{component}{head}@{last_position}",
+                          f"{stream}.{layers[len(layers) // 2]}.{component}{head}@all"]
     return sites
 
 

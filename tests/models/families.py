@@ -8,6 +8,7 @@ weights where text meets the image. Adding a family to FAMILIES runs the whole s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,7 +83,29 @@ def llava_eager_attention(adapter, inputs) -> torch.Tensor:
     return torch.stack(out.attentions, dim=1)[0][..., grid]
 
 
+# --------------------------------------------------------------- BLIP-2, InstructBLIP
+def qformer_native_logits(adapter, inputs) -> torch.Tensor:
+    return adapter.model(**inputs).logits[:, -1]
+
+
+def qformer_eager_attention(adapter, inputs) -> torch.Tensor:
+    """The Q-Former's cross-attention (its cross-attention layers) to the grid patches, averaged over queries."""
+    model = adapter.model
+    with eager(model):
+        image_states = model.vision_model(pixel_values=inputs.pixel_values).last_hidden_state
+        queries = model.query_tokens.expand(image_states.shape[0], -1, -1)
+        instruction = {}
+        if "qformer_input_ids" in inputs:  # InstructBLIP: the prompt's wordpieces after the query tokens
+            mask = torch.cat([torch.ones(queries.shape[:2], dtype=torch.long), inputs.qformer_attention_mask], dim=1)
+            instruction = dict(input_ids=inputs.qformer_input_ids, attention_mask=mask)
+        out = model.qformer(query_embeds=queries, encoder_hidden_states=image_states, output_attentions=True,
+                            **instruction)
+    return torch.stack(out.cross_attentions, dim=1)[0, ..., 1:].mean(dim=2, keepdim=True)
+
+
 FAMILIES = {
     "blip": Family("blip", helpers.TINY_BLIP["image_size"], save_blip, blip_native_logits, blip_eager_attention),
     "llava": Family("llava", helpers.TINY_LLAVA["image_size"], save_llava, llava_native_logits, llava_eager_attention),
+    **{kind: Family(kind, helpers.TINY_QFORMER["image_size"], functools.partial(helpers.save_qformer, kind=kind),
+                    qformer_native_logits, qformer_eager_attention) for kind in ("blip-2", "instructblip")},
 }

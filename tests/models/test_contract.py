@@ -53,7 +53,7 @@ def test_adapter_declares_its_streams_maps_and_blocks(family):
     assert sum(f.reads_answer for f in adapter.streams.values()) == 1
     described = adapter.describe()
     assert described["family"] == spec.name and set(described["streams"]) == set(adapter.streams)
-    assert described["image_tokens"] >= described["patch_grid"][0] * described["patch_grid"][1]
+    assert described["image_tokens"] == adapter.image_token_count() > 0
 
 
 def test_notice_info_lists_streams_and_sites(family):
@@ -136,12 +136,12 @@ def test_hook_points_hold_every_position_and_heads_are_slices(family):
     counts = adapter.num_positions(clean)
     for stream, facts in adapter.streams.items():
         for component in facts.components:
-            site = parse_site(f"{stream}.{facts.layers - 1}.{component}" + (".head0" if component.endswith("attn")
-                                                                             else ""))
+            layer = max(l for l in range(facts.layers) if facts.has(component, l))
+            site = parse_site(f"{stream}.{layer}.{component}" + (".head0" if component.endswith("attn") else ""))
             seen = []
             with hooked(adapter, site, lambda t, seen=seen: seen.append(tuple(t.shape)) or t):
                 adapter.run_logits(clean)
-            assert len(seen) == 1 and seen[0][:2] == (1, counts[stream]), (site, seen)
+            assert len(seen) == 1 and seen[0][:2] == (1, facts.rows(component, counts[stream])), (site, seen)
             columns = adapter.site_columns(site)
             if site.head is not None:
                 assert columns.stop - columns.start == facts.head_dim and columns.stop <= seen[0][2]
@@ -230,8 +230,10 @@ def test_image_attention_equals_the_models_eager_attention(family):
     image = helpers.shape_image(64)
     seen = adapter.image_attention(image, QUESTION, "red")
     rows, cols = seen.grid
-    layers, heads = adapter.streams[seen.stream].layers, adapter.streams[seen.stream].heads
-    assert seen.weights.shape[:2] == (layers, heads) and seen.weights.shape[-1] == rows * cols
+    facts = adapter.streams[seen.stream]
+    layers = seen.layers or tuple(range(facts.layers))
+    assert layers == tuple(l for l in range(facts.layers) if facts.has(seen.component, l))
+    assert seen.weights.shape[:2] == (len(layers), facts.heads) and seen.weights.shape[-1] == rows * cols
     assert seen.image_states.shape[0] == rows * cols and 0 <= seen.query < seen.weights.shape[2]
     with torch.no_grad():
         theirs = spec.eager_attention(adapter, adapter.prepare([image], [QUESTION]))

@@ -41,6 +41,10 @@ class AttentionSample:
     mask: np.ndarray | None  # [patches] in {0, 1}, or None when the task has no mask
     outliers: np.ndarray  # [patches] bool: patch states of unusually high norm
     grid: tuple[int, int]
+    layers: tuple[int, ...] | None = None  # the model's layer of each first-axis row; None: 0, 1, ...
+
+    def layer(self, row: int) -> int:
+        return row if self.layers is None else self.layers[row]
 
 
 def patch_mask(mask_image: Image.Image, grid: tuple[int, int], min_coverage: float = 0.5) -> np.ndarray:
@@ -62,7 +66,7 @@ def collect(adapter, pairs: Sequence[Pair], outlier_sigmas: float = 2.0) -> tupl
         mask_path = pair.metadata.get("clean_mask")
         mask = patch_mask(Image.open(mask_path), seen.grid) if mask_path and Path(mask_path).is_file() else None
         samples.append(AttentionSample(pair.id, seen.weights[:, :, seen.query].cpu().numpy(), mask,
-                                       norms > norms.mean() + outlier_sigmas * norms.std(), seen.grid))
+                                       norms > norms.mean() + outlier_sigmas * norms.std(), seen.grid, seen.layers))
     return samples, facts
 
 
@@ -80,7 +84,7 @@ def head_function_table(samples: Sequence[AttentionSample]) -> pd.DataFrame:
         for layer in range(layers):
             for head in range(heads):
                 a = attention[layer, head]
-                row = {"pair_id": s.pair_id, "layer": layer, "head": head,
+                row = {"pair_id": s.pair_id, "layer": s.layer(layer), "head": head,
                        "outlier_mass": float(a[s.outliers].sum()) if s.outliers.any() else np.nan,
                        "outlier_inhibition": (float(a[s.outliers].sum() - average[s.outliers].sum())
                                               if s.outliers.any() else np.nan)}
@@ -103,7 +107,8 @@ def attention_maps(samples: Sequence[AttentionSample], keep: int = MAPS_KEPT) ->
         attention = _normalized(s.patch_attention)
         relative = attention - attention.mean(axis=(0, 1))
         layers, heads, patches = relative.shape
-        layer, head, patch = np.meshgrid(np.arange(layers), np.arange(heads), np.arange(patches), indexing="ij")
+        layer, head, patch = np.meshgrid([s.layer(l) for l in range(layers)], np.arange(heads), np.arange(patches),
+                                         indexing="ij")
         frames.append(pd.DataFrame({"pair_id": s.pair_id, "layer": layer.ravel(), "head": head.ravel(),
                                     "row": patch.ravel() // s.grid[1], "col": patch.ravel() % s.grid[1],
                                     "relative": relative.ravel()}))

@@ -33,6 +33,8 @@ DEFAULT_MODEL = "easyvqa-blip"
 FAMILIES = {
     "blip": "notice.models.blip:BlipAdapter",
     "llava": "notice.models.llava:LlavaAdapter",
+    "blip-2": "notice.models.qformer:Blip2Adapter",
+    "instructblip": "notice.models.qformer:InstructBlipAdapter",
 }
 
 

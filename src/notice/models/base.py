@@ -77,6 +77,18 @@ class StreamFacts:
     positions: str  # what a position indexes: "patch", "token" or "answer"
     description: str
     reads_answer: bool = False  # the model reads its answer logits at this stream's last position
+    # Components that only some layers, or only the first rows, have (the Q-Former's query tokens
+    # alone cross-attend the image, on every other layer): component → those layers / that row count.
+    layers_of: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
+    rows_of: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+    def has(self, component: str, layer: int) -> bool:
+        """Whether `layer` of this stream has `component`."""
+        return component in self.components and layer in self.layers_of.get(component, range(self.layers))
+
+    def rows(self, component: str, positions: int) -> int:
+        """How many of an input's `positions` the component covers (all, or the first rows_of)."""
+        return min(positions, self.rows_of.get(component, positions))
 
 
 @dataclass(frozen=True)
@@ -86,12 +98,14 @@ class StreamMap:
     writes: component → the module whose output is its write into the residual stream.
     heads: attention component → the module whose input holds every head's values before the output
     projection, head h at columns [h*d, (h+1)*d). A layer's input and output ("x", "layer") are the
-    layer module's own. `single`: `layers` names one module, the stream's only layer ("layer" alone)."""
+    layer module's own. `single`: `layers` names one module, the stream's only layer ("layer" alone).
+    `flat`: components whose write module sees the positions of all rows flattened, [B*P, W] (OPT's MLP)."""
 
     layers: str
     writes: Mapping[str, str] = field(default_factory=dict)
     heads: Mapping[str, str] = field(default_factory=dict)
     single: bool = False
+    flat: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------- patching
@@ -157,7 +171,8 @@ class ImageAttention:
 
     weights: [layers, heads, queries, image tokens] float32 of the clean input, where the image tokens
     are the grid patches only (no [CLS]), in row-major order of `grid`; image_states [image tokens, D]:
-    what those positions hold (outlier norms); query: the position head functions read."""
+    what those positions hold (outlier norms); query: the position head functions read; layers: which
+    layers the first axis holds, where only some layers attend the image."""
 
     stream: str
     component: str
@@ -165,6 +180,7 @@ class ImageAttention:
     image_states: torch.Tensor
     query: int
     grid: tuple[int, int]
+    layers: tuple[int, ...] | None = None  # the stream's layers that `weights` covers; None: every layer
 
 
 # ---------------------------------------------------------------------------- adapter
@@ -175,7 +191,7 @@ class ModelAdapter(ABC):
     `tokenizer`, `streams`, `cross_layer_streams`, `device`, `dtype`, `from_pretrained`,
     `answer_token_ids`, `token_length`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
     `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
-    `patched_logits`, `hook_point`, `site_columns`, `full_patch_sites`, `cell_bytes`,
+    `patched_logits`, `hook_point`, `edit_site`, `site_columns`, `full_patch_sites`, `cell_bytes`,
     `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
     A family implements the abstract members and sets `streams`, `stream_maps` and `blocks`.
     """
@@ -279,11 +295,16 @@ class ModelAdapter(ABC):
         model's input; the same for a model whose input is the question itself."""
         return list(positions)
 
+    def length_key(self, question: str) -> Any:
+        """What prompts of one batch must share so that nothing is padded: the token length (and the
+        length of any second tokenization the model reads)."""
+        return self.token_length(question)
+
     def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
         """Index batches whose prompts share a token length: no padding ever enters a forward."""
-        groups: dict[int, list[int]] = {}
+        groups: dict[Any, list[int]] = {}
         for i, question in enumerate(questions):
-            groups.setdefault(self.token_length(question), []).append(i)
+            groups.setdefault(self.length_key(question), []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
@@ -453,6 +474,20 @@ class ModelAdapter(ABC):
             return layer.get_submodule(where.heads[site.component]), "input"
         return layer.get_submodule(where.writes[site.component]), "output"
 
+    def edit_site(self, site: Site, edit: Callable[[torch.Tensor], torch.Tensor]) -> list:
+        """Hooks (each with `.remove()`) that run `edit(tensor [B, P, W]) -> tensor` on a site's activation in
+        every forward: the hook point's, viewed as [B, P, W] where its module sees positions flattened."""
+        module, kind = self.hook_point(site)
+        if site.component not in self.stream_maps[site.stream].flat or site.head is not None:
+            return [edit_activation(module, kind, edit)]
+        batch: dict[str, int] = {}
+
+        def remember(_module, args, kwargs):
+            batch["rows"] = (args[0] if args else kwargs["hidden_states"]).shape[0]
+        layer = self.layer_module(site.stream, site.layer)
+        return [layer.register_forward_pre_hook(remember, with_kwargs=True, prepend=True),
+                edit_activation(module, kind, lambda t: edit(t.view(batch["rows"], -1, t.shape[-1])).reshape(t.shape))]
+
     def site_columns(self, site: Site) -> slice | None:
         """The columns of a head's values before the output projection; None for whole components."""
         if site.head is None:
@@ -474,23 +509,28 @@ class ModelAdapter(ABC):
         kept: dict[str, torch.Tensor] = {}
         handles = [keep_output(self.model.get_submodule(path), kept, name) for name, path in self.trace_outputs.items()]
         for stream in (s for s in self.streams if s in streams):
-            where = self.stream_maps[stream]
-            for l in range(self.streams[stream].layers):
+            where, facts = self.stream_maps[stream], self.streams[stream]
+            for l in range(facts.layers):
                 store = acts.setdefault((stream, l), {})
                 layer = self.layer_module(stream, l)
                 if not where.single:
                     handles.append(keep_input(layer, store, "x"))
                 handles.append(keep_output(layer, store, "layer"))
                 for component, path in where.writes.items():
-                    handles.append(keep_output(layer.get_submodule(path), store, component))
+                    if facts.has(component, l):
+                        handles.append(keep_output(layer.get_submodule(path), store, component,
+                                                   flat=component in where.flat))
                 for component, path in where.heads.items():
-                    handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z"))
+                    if facts.has(component, l):
+                        handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z"))
         try:
             logits = self.run_logits(run)[0]
         finally:
             for handle in handles:
                 handle.remove()
         for (stream, l), store in acts.items():
+            for component in self.stream_maps[stream].flat & store.keys():  # row 0's positions come first
+                store[component] = store[component][:store["x"].shape[0]]
             if not self.stream_maps[stream].single:
                 self.blocks[stream][l].derive(store)
         return Trace(logits=logits, acts=acts, cache=self.trace_cache(run, acts, kept),
@@ -572,11 +612,13 @@ def mask_patch_positions(mask: np.ndarray, grid: tuple[int, int], first_patch: i
     return [first_patch + int(i) for i in np.flatnonzero(touched.reshape(-1))]
 
 
-def keep_output(module: torch.nn.Module, store: dict, name: str):
-    """Keep a module's output (the first element of a tuple) of row 0 under `name`. Prepended, so it
-    runs before a model's own output-recording hooks (transformers 5 reads tower states through them)."""
+def keep_output(module: torch.nn.Module, store: dict, name: str, flat: bool = False):
+    """Keep a module's output (the first element of a tuple) of row 0 under `name` (`flat`: the whole
+    output, rows flattened with positions, for the caller to cut). Prepended, so it runs before a
+    model's own output-recording hooks (transformers 5 reads tower states through them)."""
     def hook(_module, _args, output):
-        store[name] = (output[0] if isinstance(output, tuple) else output)[0].detach()
+        output = output[0] if isinstance(output, tuple) else output
+        store[name] = (output if flat else output[0]).detach()
     return module.register_forward_hook(hook, prepend=True)
 
 

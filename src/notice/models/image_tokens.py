@@ -41,6 +41,14 @@ class ImageTokenAdapter(ModelAdapter):
         return self.lm.embed_tokens
 
     @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM's norm after its last layer, before the head."""
+        return self.lm.norm(hidden)
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype activations run in (4-bit weights compute in the embeddings' dtype)."""
         return self.lm.embed_tokens.weight.dtype
@@ -145,7 +153,7 @@ class ImageTokenAdapter(ModelAdapter):
         """Logits [B, 1 + K, V] of the answer steps after the prompt embeddings and a prefix [B, K]."""
         embeds = torch.cat([prompt, self.embed_tokens(prefix)], dim=1)
         hidden = self.lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
-        return self.model.lm_head(hidden[:, -(prefix.shape[1] + 1):])
+        return self.lm_head(hidden[:, -(prefix.shape[1] + 1):])
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
@@ -204,17 +212,25 @@ class ImageTokenAdapter(ModelAdapter):
                 entering.setdefault(b.layer + 1, []).append(self.patched_layer(receiving, source, b, first))
             logits = self.run_lm_from(receiving, {l: torch.cat(rows) for l, rows in entering.items()}, first)
             return logits[rows_in_given_order(batches)]
-        image_positions = receiving.cache["image_positions"]
         if stream == "vision":
             hidden = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            features, first = self.vision_rerun(hidden, layer), 0
-        else:
-            features = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            first = min(int(b.positions.min()) for b in batches)
+            return self.logits_from_features(receiving, self.vision_rerun(hidden, layer))
+        features = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
+        return self.logits_from_features(receiving, features, min(int(b.positions.min()) for b in batches))
+
+    def logits_from_features(self, receiving: Trace, features: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Logits [N, V] of the receiving run with image features [N, I, D] in place of its own, the LM rerun
+        from the first position that feature `first` can change."""
+        image_positions = receiving.cache["image_positions"]
         lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
-        lm_input[:, image_positions] = features.to(lm_input.dtype)
+        lm_input[:, image_positions] = self.lm_entry(features, image_positions).to(lm_input.dtype)
         start = self.rerun_start(receiving.cache, int(image_positions[first]))
         return self.run_lm_from(receiving, {0: lm_input[:, start:]}, start)
+
+    def lm_entry(self, features: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the LM's first layer reads at image positions for these features: the features themselves
+        (rotary positions act inside the layers; learned positions would be added here)."""
+        return features
 
     def run_lm_from(self, receiving: Trace, entering: dict[int, torch.Tensor], start: int) -> torch.Tensor:
         """Logits [N, V] of rows entering the LM at the input of layer l (entering[l]: [n_l, Q, D] at positions
@@ -231,7 +247,7 @@ class ImageTokenAdapter(ModelAdapter):
             hidden = blocks[l].forward(hidden, self.rope(cache, start, count, l), prefix,
                                        self.lm_mask(cache, l, start, count))
         assert hidden is not None, "rows enter before the last layer's output"
-        return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
+        return self.lm_head(self.final_norm(hidden[:, -1])).float()
 
     @abstractmethod
     def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:

@@ -89,7 +89,8 @@ def make_batches(adapter: ModelAdapter, sites: Sequence[Site], cells: Sequence[i
     for (layer, name, whole), chosen in runs.items():
         stream = chosen[0].stream
         if whole:
-            index = torch.arange(receiving.num_positions[stream]).expand(len(chosen), -1)
+            count = adapter.streams[stream].rows(chosen[0].component, receiving.num_positions[stream])
+            index = torch.arange(count).expand(len(chosen), -1)
         else:
             index = torch.tensor([[int(s.position)] for s in chosen])
         columns = None
@@ -113,7 +114,8 @@ def check_pair(adapter: ModelAdapter, pair: Pair, receiving: Trace, source: Trac
     checks: list[tuple[str, PatchBatch, torch.Tensor, str]] = []
     for stream in streams:
         facts = adapter.streams[stream]
-        target = next((c + ".z" for c in facts.components if c.endswith("attn")), "layer")
+        target = next((c + ".z" for c in facts.components if c.endswith("attn") and facts.has(c, 0)
+                       and c not in facts.rows_of), "layer")
         count = receiving.num_positions[stream]
         width = receiving.acts[(stream, 0)][target].shape[-1]
         nothing = PatchBatch(stream, 0, target, torch.arange(count, device=device)[None],

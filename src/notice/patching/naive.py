@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from notice.models.base import ModelAdapter, Run, edit_activation
+from notice.models.base import ModelAdapter, Run
 from notice.pairs import Pair
 from notice.patching.inputs import check_direction, pair_baseline, pair_runs
 from notice.patching.metrics import cell_stats, pair_table
@@ -25,11 +25,12 @@ def _rows(site: Site) -> slice:
 @contextmanager
 def hooked(adapter: ModelAdapter, site: Site, edit) -> Iterator[None]:
     """Run `edit(tensor [B, P, W]) -> tensor` on the site's activation during forwards in this block."""
-    handle = edit_activation(*adapter.hook_point(site), edit)
+    handles = adapter.edit_site(site, edit)
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -51,6 +51,9 @@ def validate_site(site: Site, streams: Mapping[str, StreamFacts], num_positions:
     if site.component not in facts.components:
         raise NoticeError(f"unknown component {site.component!r} in site {site.name}: "
                           f"{site.stream} has {', '.join(facts.components)}")
+    if not facts.has(site.component, site.layer):
+        raise NoticeError(f"site {site.name}: layer {site.layer} of {site.stream} has no {site.component}; "
+                          f"{site.component} is on layers {_layer_list(facts, site.component)}")
     if site.head is not None:
         if not site.component.endswith("attn"):
             raise NoticeError(f"site {site.name}: heads exist only on attention components "
@@ -58,10 +61,15 @@ def validate_site(site: Site, streams: Mapping[str, StreamFacts], num_positions:
         if not 0 <= site.head < facts.heads:
             raise NoticeError(f"head {site.head} out of range in site {site.name}: {site.stream} has heads 0..{facts.heads - 1}")
     if site.position != ALL:
-        count = num_positions[site.stream]
+        count = facts.rows(site.component, num_positions[site.stream])
         if not 0 <= int(site.position) < count:
+            where = site.stream if site.component not in facts.rows_of else f"{site.stream}'s {site.component}"
             raise NoticeError(f"position {site.position} out of range in site {site.name}: "
-                              f"{site.stream} has positions 0..{count - 1} for this input")
+                              f"{where} has positions 0..{count - 1} for this input")
+
+
+def _layer_list(facts: StreamFacts, component: str) -> str:
+    return ", ".join(str(l) for l in range(facts.layers) if facts.has(component, l))
 
 
 def check_pattern(pattern: str) -> re.Match:
@@ -101,11 +109,16 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
                 readers = ", ".join(name for name, f in streams.items() if f.reads_answer) or "no stream of this model"
                 raise NoticeError(f"{pattern!r}: the {stream} stream has no answer position; the answer is read in "
                                   f"{readers}; write @last or a position number for {stream}")
-            positions: list[int | str] = (list(range(num_positions[stream])) if position_key == "*"
-                                          else [num_positions[stream] - 1] if position_key in ("last", "answer")
-                                          else [ALL] if position_key == ALL else [int(position_key)])
             for layer in layers:
                 for component in components:
+                    if match["layer"] == "*" and not facts.has(component, layer):
+                        continue  # a component that only some layers have: `*` means those
+                    count = facts.rows(component, num_positions[stream])
+                    if match["component"] == "*" and position_key.isdigit() and int(position_key) >= count:
+                        continue  # rows the component lacks (the Q-Former's instruction tokens never cross-attend)
+                    positions: list[int | str] = (list(range(count)) if position_key == "*"
+                                                  else [count - 1] if position_key in ("last", "answer")
+                                                  else [ALL] if position_key == ALL else [int(position_key)])
                     if match["head"] is None:
                         heads: list[int | None] = [None]
                     elif not component.endswith("attn"):
@@ -136,9 +149,12 @@ def site_catalogue(streams: Mapping[str, StreamFacts]) -> list[str]:
     """Human-readable list of the site patterns a model offers (for `notice info`)."""
     lines = []
     for facts in streams.values():
-        last = facts.layers - 1
         for component in facts.components:
-            lines.append(f"{facts.name}.{{0..{last}}}.{component}@{{{facts.positions}}}")
+            layers = (f"{{{_layer_list(facts, component).replace(' ', '')}}}" if component in facts.layers_of
+                      else f"{{0..{facts.layers - 1}}}")
+            positions = (f"{{{facts.positions} 0..{facts.rows_of[component] - 1}}}" if component in facts.rows_of
+                         else f"{{{facts.positions}}}")
+            lines.append(f"{facts.name}.{layers}.{component}@{positions}")
             if component.endswith("attn"):
-                lines.append(f"{facts.name}.{{0..{last}}}.{component}.head{{0..{facts.heads - 1}}}@{{{facts.positions}}}")
+                lines.append(f"{facts.name}.{layers}.{component}.head{{0..{facts.heads - 1}}}@{positions}")
     return lines

@@ -2,16 +2,17 @@
 (modules, head counts, rotary tables, masks); nothing here knows a module path.
 
     EncoderBlock   pre-LayerNorm encoder layer (ViT, CLIP, SigLIP): every position sees every other
-    DecoderBlock   pre-norm decoder layer (Llama, Qwen2, Gemma): RoPE, grouped-query attention,
+    DecoderBlock   pre-norm decoder layer (Llama, Qwen2, Gemma, OPT): RoPE, grouped-query attention,
                    reruns from a position on over the receiving run's cached key/value prefix
-    BertBlock      post-LayerNorm BERT layer with optional cross-attention (BLIP, the Q-Former)
+    BertBlock      post-LayerNorm BERT layer with optional cross-attention (BLIP)
+    QFormerBlock   a BertBlock whose query-token rows alone cross-attend and have their own FFN (BLIP-2)
 
 Each block runs a whole layer on rows (`forward`), finishes a layer position-wise from a patched
 target (`finish`: nothing after the attention mixes positions) and derives, in a trace, the
 intermediates `finish` reads (`derive`).
 """
 
-from notice.models.blocks.bert import BertBlock, CrossAttention
+from notice.models.blocks.bert import BertBlock, CrossAttention, QFormerBlock
 from notice.models.blocks.prenorm import DecoderBlock, EncoderBlock
 
-__all__ = ["BertBlock", "CrossAttention", "DecoderBlock", "EncoderBlock"]
+__all__ = ["BertBlock", "CrossAttention", "DecoderBlock", "EncoderBlock", "QFormerBlock"]

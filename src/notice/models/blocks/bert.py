@@ -115,3 +115,62 @@ class BertBlock:
         store["after_self"] = self.self_norm(store["self_attn"] + store["x"])
         store["after_cross"] = (store["after_self"] if self.crossing is None
                                 else self.crossing.norm(store["cross_attn"] + store["after_self"]))
+
+
+@dataclass(kw_only=True)
+class QFormerBlock(BertBlock):
+    """A Q-Former layer (BLIP-2, InstructBLIP): its rows are `queries` query tokens, then (InstructBLIP)
+    the instruction's tokens. Self-attention runs over all rows; then the query rows alone cross-attend
+    the image (on the layers that have cross-attention) and pass the query FFN (`intermediate`,
+    `output`, `output_norm` here), the instruction rows the text FFN (`text_*`).
+
+        query rows        after_cross = LN(after_self + cross_attn) or after_self;  layer = LN(after_cross + mlp)
+        instruction rows  after_cross = after_self (no cross-attention);             layer = LN'(after_self + mlp')
+
+    In a trace, `after_cross` holds each row's FFN input and `mlp` each row's FFN write, both FFNs together.
+    """
+
+    queries: int
+    text_intermediate: nn.Module | None = None
+    text_output: nn.Module | None = None
+    text_output_norm: nn.Module | None = None
+
+    def from_self(self, after_self: torch.Tensor, memory: Memory) -> torch.Tensor:
+        q = self.queries
+        query_rows = super().from_self(after_self[:, :q], memory)
+        if after_self.shape[1] == q:
+            return query_rows
+        return torch.cat([query_rows, self.text_mlp(after_self[:, q:])], dim=1)
+
+    def text_write(self, rows: torch.Tensor) -> torch.Tensor:
+        assert self.text_intermediate is not None and self.text_output is not None, "a Q-Former without text FFN"
+        return self.text_output(self.text_intermediate(rows))
+
+    def text_mlp(self, rows: torch.Tensor) -> torch.Tensor:
+        assert self.text_output_norm is not None, "a Q-Former without text FFN"
+        return self.text_output_norm(self.text_write(rows) + rows)
+
+    def finish(self, target: str, value: torch.Tensor, mine: Callable[[str], torch.Tensor],
+               memory: Memory = None, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """As BertBlock.finish, each row its own way; query_rows [N, K] bool: which patched rows are query
+        tokens (None: all). Cross-attention targets exist at query rows only."""
+        if target == "layer" or target.startswith("cross_attn"):
+            return super().finish(target, value, mine, memory)
+        mixed = self.text_output_norm is not None and query_rows is not None and not bool(query_rows.all())
+        if target == "mlp":
+            query = self.output_norm(value + mine("after_cross"))
+            text = self.text_output_norm(value + mine("after_cross")) if mixed else None  # type: ignore[misc]
+        else:
+            write = self.self_out(value) if target == "self_attn.z" else value
+            after_self = self.self_norm(write + mine("x"))
+            query = BertBlock.from_self(self, after_self, memory)  # the rows are any positions: no split by order
+            text = self.text_mlp(after_self) if mixed else None
+        return query if text is None else torch.where(query_rows[..., None], query, text)  # type: ignore[index]
+
+    def derive(self, store: dict[str, torch.Tensor]) -> None:
+        q = self.queries
+        store["after_self"] = after_self = self.self_norm(store["self_attn"] + store["x"])
+        query_in = after_self[:q] if self.crossing is None else self.crossing.norm(store["cross_attn"] + after_self[:q])
+        store["after_cross"] = torch.cat([query_in, after_self[q:]])
+        if after_self.shape[0] > q:  # the trace kept the query FFN's write; the text FFN's is recomputed here
+            store["mlp"] = torch.cat([store["mlp"], self.text_write(after_self[q:])])

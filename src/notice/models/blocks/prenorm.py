@@ -16,7 +16,8 @@ from torch import nn
 
 from notice.models.blocks.attention import attend, merge_heads, rotate, split_heads
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [1 or N, Q, d]
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # cos, sin [1 or N, Q, d]; None: positions are learned
+# embeddings added before the first layer (OPT), nothing rotates
 
 
 @dataclass(kw_only=True)
@@ -90,11 +91,11 @@ class DecoderBlock(PreNormBlock):
         return (x if norm is None else norm(x)).transpose(1, 2)  # [N, heads, Q, d]
 
     def queries(self, normed: torch.Tensor, rope: Rope) -> torch.Tensor:
-        return rotate(self._heads(self.q_proj, self.q_norm, normed), rope)
+        return rotated(self._heads(self.q_proj, self.q_norm, normed), rope)
 
     def keys_values(self, normed: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated keys and values [N, KVH, Q, d] of the normed input [N, Q, D]."""
-        return rotate(self._heads(self.k_proj, self.k_norm, normed), rope), self._heads(self.v_proj, None, normed)
+        return rotated(self._heads(self.k_proj, self.k_norm, normed), rope), self._heads(self.v_proj, None, normed)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, prefix: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -119,6 +120,10 @@ class DecoderBlock(PreNormBlock):
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(dim=-1)
+
+
+def rotated(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    return x if rope is None else rotate(x, rope)
 
 
 def causal_mask(start: int, count: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
