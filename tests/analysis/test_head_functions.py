@@ -50,3 +50,10 @@ def test_the_step_writes_tables_the_report_reads_back(tiny_blip, tmp_path):
     assert len(back.table) == text.layers * text.heads and back.table["mask_iou"].isna().all()  # no mask given
     assert back.facts["stream"] == "text" and back.facts["component"] == "cross_attn" and back.facts["samples"] == 1
     assert hf.relative_map(back.maps, "p", 1, 2).shape == tuple(back.facts["grid"])
+
+
+def test_rows_of_a_model_where_only_some_layers_attend_the_image_keep_their_layer_numbers():
+    sample = _sample()
+    sample.layers = (0, 2)  # a Q-Former that cross-attends on every other layer
+    assert set(hf.head_function_table([sample])["layer"]) == {0, 2}
+    assert set(hf.attention_maps([sample])["layer"]) == {0, 2}

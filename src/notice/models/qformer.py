@@ -110,7 +110,8 @@ class QFormerAdapter(ImageTokenAdapter):
                                   "patches)"),
             "qformer": StreamFacts("qformer", qformer.num_hidden_layers, qformer.num_attention_heads,
                                    qformer.hidden_size // qformer.num_attention_heads, qformer.hidden_size,
-                                   ("layer", "self_attn", "cross_attn", "mlp"), "query token",
+                                   ("layer", "self_attn", "cross_attn", "mlp"),
+                                   "query/instruction token" if self.reads_instruction else "query token",
                                    f"Q-Former over {readers}; the {self.queries} query tokens cross-attend the image "
                                    f"on layers {', '.join(map(str, crossing))}",
                                    layers_of={"cross_attn": crossing}, rows_of={"cross_attn": self.queries}),

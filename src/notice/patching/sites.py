@@ -111,7 +111,7 @@ def expand_sites(patterns: Iterable[str], streams: Mapping[str, StreamFacts],
                                   f"{readers}; write @last or a position number for {stream}")
             for layer in layers:
                 for component in components:
-                    if match["layer"] == "*" and not facts.has(component, layer):
+                    if match["layer"] == "*" and component in facts.components and not facts.has(component, layer):
                         continue  # a component that only some layers have: `*` means those
                     count = facts.rows(component, num_positions[stream])
                     if match["component"] == "*" and position_key.isdigit() and int(position_key) >= count:
@@ -152,7 +152,7 @@ def site_catalogue(streams: Mapping[str, StreamFacts]) -> list[str]:
         for component in facts.components:
             layers = (f"{{{_layer_list(facts, component).replace(' ', '')}}}" if component in facts.layers_of
                       else f"{{0..{facts.layers - 1}}}")
-            positions = (f"{{{facts.positions} 0..{facts.rows_of[component] - 1}}}" if component in facts.rows_of
+            positions = (f"{{0..{facts.rows_of[component] - 1}}}" if component in facts.rows_of  # the first rows
                          else f"{{{facts.positions}}}")
             lines.append(f"{facts.name}.{layers}.{component}@{positions}")
             if component.endswith("attn"):
