@@ -218,3 +218,8 @@ def prompts_fit(adapter, inputs: Sequence, fix: str = FIX_PAIRS) -> None:
             raise NoticeError(f"{where}its clean and corrupt prompts are {' and '.join(map(str, sorted(lengths)))} "
                               f"tokens for {budget.model}; a pair needs one length: make the pairs with "
                               f"--model {budget.model}")
+        keys = [adapter.length_key(prompt) for prompt in prompts]  # a second tokenizer's too (InstructBLIP's Q-Former)
+        if len(set(keys)) > 1:
+            raise NoticeError(f"{where}its clean and corrupt prompts have lengths {keys[0]} and {keys[1]} in "
+                              f"{budget.model}'s tokenizers; a pair needs one length: drop the pair or swap words "
+                              "that every tokenizer of the model splits alike")

@@ -3,6 +3,7 @@ language models notice runs and those it refuses, and half-precision loading."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,8 @@ import helpers
 from notice.errors import NoticeError
 from notice.models import load_model
 from notice.models.base import Run
-from notice.patching.engine import patch_pair
+from notice.pairs import Pair
+from notice.patching.engine import patch_pair, patch_pairs
 from notice.patching.naive import naive_patch_pair
 from notice.patching.sites import expand_sites
 
@@ -59,7 +61,7 @@ def test_a_cross_attention_head_sweep_on_the_query_tokens_equals_naive(instructb
     assert fast[fast["component"] == "cross_attn"]["ld"].std() > 1e-3
 
 
-def test_pairs_whose_prompts_differ_in_qformer_wordpieces_are_refused(instructblip):
+def test_pairs_whose_prompts_differ_in_qformer_wordpieces_are_refused(instructblip, tmp_path):
     words = ["red", "blue", "green", "teal", "gray", "sunflowers", "yellow", "brown"]
     prompts = [f"is the shape {w}?" for w in words]
     lengths = {p: (instructblip.token_length(p), instructblip.instruction_length(p)) for p in prompts}
@@ -70,6 +72,14 @@ def test_pairs_whose_prompts_differ_in_qformer_wordpieces_are_refused(instructbl
         instructblip.runs_for(image, image, *clash)
     batches = instructblip.batches_by_length(list(clash), batch_size=8)
     assert sorted(map(len, batches)) == [1, 1]  # never padded together
+    image_file = tmp_path / "red.png"
+    image.save(image_file)
+    good = Pair("good", "colors", "text_str", str(image_file), str(image_file), "is the shape red?", "is the shape blue?",
+                "yes", "no")
+    bad = dataclasses.replace(good, id="clash", clean_prompt=clash[0], corrupt_prompt=clash[1])
+    with pytest.raises(NoticeError, match=r"pair clash \(row 2\): its clean and corrupt prompts have lengths"):
+        patch_pairs(instructblip, [good, bad], ["lm.0.layer@last"], tmp_path / "out")
+    assert not list((tmp_path / "out").glob("**/*.parquet"))  # refused before the first shard
 
 
 def _config_folder(folder, text_config: dict):
@@ -104,3 +114,32 @@ def test_blip2_in_bfloat16_with_its_qformer_kept_in_float32_patches(tmp_path):
     sites = ["vision.1.layer@all", "qformer.*.cross_attn.head0@0", "projector.0.layer@all", "lm.1.self_attn@last"]
     table = patch_pair(adapter, pair, sites)  # the engine's sanity checks run at bfloat16 tolerance
     assert table["ld"].notna().all() and len(table) == 5
+
+
+def test_the_pipeline_runs_on_instructblip_from_pairs_to_report(instructblip, tmp_path):
+    """pairs under the LM's tokenizer, a Q-Former cross-attention head sweep, head functions on the layers
+    that cross-attend, and the report over both."""
+    from notice.analysis.head_functions import read_head_functions
+    from notice.cli import app
+    from notice.store import load_results
+
+    folder = instructblip.name
+
+    def notice(*args: str) -> None:
+        result = CliRunner().invoke(app, [*args, "--model", folder])
+        assert result.exit_code == 0, result.output
+    notice("pairs", "easyvqa-color", "--split", "test", "--limit", "2", "--corruptions", "image_smp",
+           "--out", str(tmp_path / "pairs.parquet"))
+    notice("patch", str(tmp_path / "pairs.parquet"), "--sites", "qformer.*.cross_attn.head*@all,lm.*.mlp@last",
+           "--limit", "1", "--out", str(tmp_path / "run"))
+    notice("head-functions", str(tmp_path / "pairs.parquet"), "--limit", "2", "--out", str(tmp_path / "heads"))
+    table = load_results(tmp_path / "run")
+    crossing = set(instructblip.streams["qformer"].layers_of["cross_attn"])
+    assert set(table[table["stream"] == "qformer"]["layer"]) == crossing
+    functions = read_head_functions(tmp_path / "heads")
+    assert functions is not None and set(functions.table["layer"]) == crossing
+    assert functions.facts["stream"] == "qformer" and functions.facts["component"] == "cross_attn"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"),
+                                      "--pairs", str(tmp_path / "pairs.parquet"), "--head-functions", str(tmp_path / "heads")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "index.html").is_file()

@@ -189,7 +189,7 @@ class ModelAdapter(ABC):
 
     Public members (everything outside models/ uses only these): `family`, `name`, `model`,
     `tokenizer`, `streams`, `cross_layer_streams`, `device`, `dtype`, `from_pretrained`,
-    `answer_token_ids`, `token_length`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
+    `answer_token_ids`, `token_length`, `length_key`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
     `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
     `patched_logits`, `hook_point`, `edit_site`, `site_columns`, `full_patch_sites`, `cell_bytes`,
     `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.

