@@ -20,60 +20,11 @@ import tempfile
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from research_way import engine_cells, flops, forward_with_hook, research_cell
 
 from notice.models import load_model
-from notice.patching.engine import make_batches, plan
 from notice.patching.sites import Site
 from notice.tasks import easy_vqa
-
-
-def forward_with_hook(adapter, run, site: Site, edit=None) -> torch.Tensor:
-    """transformers' own forward of the whole model (logits at every position), as the research code ran it."""
-    handle = None
-    if edit is not None:
-        module, kind = adapter.hook_point(site)
-        if kind == "input":
-            handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
-        else:
-            handle = module.register_forward_hook(lambda m, args, out: edit(out))
-    try:
-        with torch.no_grad():
-            return adapter.model(input_ids=run.inputs.input_ids, pixel_values=run.inputs.pixel_values).logits[:, -1]
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def research_cell(adapter, clean, corrupt, site: Site, inputs=None) -> torch.Tensor:
-    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward;
-    with `inputs` (images, question) the processor also prepares both inputs per cell, as it did."""
-    if inputs is not None:
-        images, question = inputs
-        clean = type(clean)(adapter.prepare([images[0]], [question]))
-        corrupt = type(corrupt)(adapter.prepare([images[1]], [question]))
-    kept = {}
-    columns = adapter.site_columns(site) or slice(None)
-    p = int(site.position)
-
-    def grab(t):
-        kept["v"] = t[:, p, columns].clone()
-        return t
-
-    def patch(t):
-        t = t.clone()
-        t[:, p, columns] = kept["v"]
-        return t
-
-    forward_with_hook(adapter, clean, site, grab)
-    forward_with_hook(adapter, corrupt, site)  # the research code reruns the corrupt input for its baseline each cell
-    return forward_with_hook(adapter, corrupt, site, patch)[0]
-
-
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def llava_7b_flops(text_tokens: int = 30) -> dict:
@@ -154,27 +105,13 @@ def main() -> None:
     started = time.perf_counter()
     receiving, source = adapter.trace(corrupt), adapter.trace(clean)
     trace_seconds = time.perf_counter() - started
-    full_flops = flops(lambda: forward_with_hook(adapter, corrupt, None))
+    full_flops = flops(lambda: forward_with_hook(adapter, corrupt))
     report = {"model": args.model, "geometry": args.geometry, "tokens": int(ids.shape[0]), "image_tokens": len(image),
               "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
               "full_forward_flops": full_flops, "sweeps": {}}
     for name, sites in sweeps.items():
-        groups = plan(sites, list(adapter.streams), adapter.cross_layer_streams)  # the engine's own grouping
-        batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
-        order = [i for group in groups for i in group.cells]
-
-        def engine(batches=batches, order=order) -> torch.Tensor:
-            out = torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])
-            return out[torch.argsort(torch.tensor(order))]  # back to site order
-
-        engine()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            fast = engine()
-            times.append(time.perf_counter() - t)
-        engine_cell = statistics.median(times) / len(sites)
-        engine_flops = flops(engine) / len(sites)
+        measured = engine_cells(adapter, receiving, source, sites, args.repeats)
+        fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
 
         step = max(1, len(sites) // args.research_cells)
         chosen = list(range(0, len(sites), step))[:args.research_cells]
@@ -191,7 +128,7 @@ def main() -> None:
         with_processor = statistics.median(processor_times)
         research_flops = 3 * full_flops
         report["sweeps"][name] = {
-            "cells": len(sites), "engine_calls": len(batches), "research_cells_timed": len(chosen),
+            "cells": len(sites), "engine_calls": measured["calls"], "research_cells_timed": len(chosen),
             "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
             "engine_seconds_per_cell_with_traces": engine_cell + trace_seconds / len(sites),
             "time_ratio": research_cell_seconds / engine_cell,

@@ -26,12 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from research_way import engine_cells, flops, forward_with_hook, research_cell
 
 from notice.io import load_image
 from notice.models.base import Site
 from notice.models.qformer import InstructBlipAdapter
-from notice.patching.engine import make_batches, plan
 from notice.tasks import easy_vqa
 
 QUESTION = "what color is the shape?"
@@ -94,45 +93,6 @@ def build(geometry: dict) -> InstructBlipAdapter:
     return InstructBlipAdapter(model, processor, "instructblip-geometry")
 
 
-def forward_with_hook(adapter, run, site: Site | None = None, edit=None) -> torch.Tensor:
-    """transformers' own forward of the whole model (logits at every position), as the research code ran it."""
-    handle = None
-    if edit is not None and site is not None:
-        module, _ = adapter.hook_point(site)  # a head: the input of the output dense layer
-        handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
-    try:
-        with torch.no_grad():
-            return adapter.model(**run.inputs).logits[:, -1]
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def research_cell(adapter, clean, corrupt, site: Site) -> torch.Tensor:
-    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward."""
-    kept = {}
-    columns, p = adapter.site_columns(site), int(site.position)
-
-    def grab(t):
-        kept["v"] = t[:, p, columns].clone()
-        return t
-
-    def patch(t):
-        t = t.clone()
-        t[:, p, columns] = kept["v"]
-        return t
-
-    forward_with_hook(adapter, clean, site, grab)
-    forward_with_hook(adapter, corrupt)  # the research code reruns the corrupt input for its baseline each cell
-    return forward_with_hook(adapter, corrupt, site, patch)[0]
-
-
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def instructblip_7b_flops(text_tokens: int, instruction_tokens: int) -> dict:
     """Analytic matmul FLOPs of InstructBLIP-Vicuna-7B at full depth: a forward as transformers runs it
     (logits at every position), and a Q-Former cross-attention head cell as the engine runs it (the
@@ -186,21 +146,8 @@ def main() -> None:
     started = time.perf_counter()
     receiving, source = adapter.trace(corrupt, {"qformer"}), adapter.trace(clean, {"qformer"})
     trace_seconds = time.perf_counter() - started
-    groups = plan(sites, list(adapter.streams), adapter.cross_layer_streams)  # the engine's own grouping
-    batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
-    order = torch.argsort(torch.tensor([i for group in groups for i in group.cells]))
-
-    def engine() -> torch.Tensor:
-        return torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])[order]  # site order
-
-    engine()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        fast = engine()
-        times.append(time.perf_counter() - t)
-    engine_cell = statistics.median(times) / len(sites)
-    engine_flops = flops(engine) / len(sites)
+    measured = engine_cells(adapter, receiving, source, sites, args.repeats)
+    fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
 
     research_every = max(1, len(sites) // args.research_cells)
     chosen = list(range(0, len(sites), research_every))[:args.research_cells]
@@ -217,7 +164,8 @@ def main() -> None:
     report = {
         "geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
         "positions": counts, "sweep_cells": len(sweep), "cells_timed_engine": len(sites),
-        "cells_timed_research": len(chosen), "engine_calls": len(batches), "engine_runs_seconds": times,
+        "cells_timed_research": len(chosen), "engine_calls": measured["calls"],
+        "engine_runs_seconds": measured["runs_seconds"],
         "research_cell_seconds": research_times, "trace_seconds_per_pair": round(trace_seconds, 3),
         "research_seconds_per_cell": research_seconds, "engine_seconds_per_cell": engine_cell,
         "time_ratio": research_seconds / engine_cell,

@@ -1,0 +1,81 @@
+"""What the patching benchmarks share: the research code's way of patching one cell (three full forwards
+of transformers' model with hooks), the engine's way on the same cells, and FLOP counting."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from notice.patching.engine import make_batches, plan
+from notice.patching.sites import Site
+
+
+def forward_with_hook(adapter, run, site: Site | None = None, edit=None) -> torch.Tensor:
+    """transformers' own forward of the whole model (logits at every position), as the research code ran it."""
+    handle = None
+    if edit is not None and site is not None:
+        module, kind = adapter.hook_point(site)
+        if kind == "input":
+            handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
+        else:
+            handle = module.register_forward_hook(lambda m, args, out: edit(out))
+    try:
+        with torch.no_grad():
+            return adapter.model(**run.inputs).logits[:, -1]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def research_cell(adapter, clean, corrupt, site: Site, inputs=None) -> torch.Tensor:
+    """The reference's way: a clean forward to record, a corrupt forward, a patched corrupt forward;
+    with `inputs` (images, question) the processor also prepares both inputs per cell, as it did."""
+    if inputs is not None:
+        images, question = inputs
+        clean = type(clean)(adapter.prepare([images[0]], [question]))
+        corrupt = type(corrupt)(adapter.prepare([images[1]], [question]))
+    kept = {}
+    columns = adapter.site_columns(site) or slice(None)
+    p = int(site.position)
+
+    def grab(t):
+        kept["v"] = t[:, p, columns].clone()
+        return t
+
+    def patch(t):
+        t = t.clone()
+        t[:, p, columns] = kept["v"]
+        return t
+
+    forward_with_hook(adapter, clean, site, grab)
+    forward_with_hook(adapter, corrupt)  # the research code reruns the corrupt input for its baseline each cell
+    return forward_with_hook(adapter, corrupt, site, patch)[0]
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def engine_cells(adapter, receiving, source, sites: list[Site], repeats: int) -> dict:
+    """The engine's own grouping (`plan`, `make_batches`) through `patched_logits` on these cells: their
+    logits in site order, the median seconds and the FLOPs per cell, and how many calls it made."""
+    groups = plan(sites, list(adapter.streams), adapter.cross_layer_streams)
+    batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
+    order = torch.argsort(torch.tensor([i for group in groups for i in group.cells]))
+
+    def engine() -> torch.Tensor:
+        return torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])[order]
+
+    engine()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        logits = engine()
+        times.append(time.perf_counter() - started)
+    return {"logits": logits, "seconds_per_cell": statistics.median(times) / len(sites), "runs_seconds": times,
+            "flops_per_cell": flops(engine) / len(sites), "calls": len(batches)}
