@@ -59,7 +59,7 @@ def one_process(pairs, out: Path) -> dict:
 
 def on_ray(pairs, out: Path, workers: int) -> dict:
     clock: dict[str, float] = {"started": time.perf_counter()}
-    patch_pairs_on_ray(MODEL, pairs, list(DEFAULT_SITES), out, workers=workers,
+    patch_pairs_on_ray(MODEL, pairs, list(DEFAULT_SITES), out, workers=workers, threads=1,
                        on_total=lambda _cells: clock.__setitem__("ready", time.perf_counter()))
     done = time.perf_counter()
     return {"total_s": done - clock["started"], "sweep_s": done - clock["ready"]}

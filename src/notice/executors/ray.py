@@ -122,8 +122,9 @@ def patch_pairs_on_ray(model: str, pairs: Sequence[Pair], sites: Sequence[str], 
                        provenance: dict | None = None, on_total: Callable[[int], None] | None = None,
                        progress: Callable[[int, bool], None] | None = None,
                        on_pair: Callable[[], None] | None = None, max_retries: int = MAX_RETRIES,
-                       on_start: Callable[[list], None] | None = None) -> dict:
-    """The resumable sweep of `engine.patch_pairs`, with pairs spread over `workers` Ray actors.
+                       on_start: Callable[[list], None] | None = None, threads: int | None = None) -> dict:
+    """The resumable sweep of `engine.patch_pairs`, with pairs spread over `workers` Ray actors, each with
+    `threads` torch threads (default: the cluster's CPUs split between them).
 
     Returns {"pairs", "done", "skipped", "cells", "failed" (ids), "retried"}. `on_total(cells)` gives the
     sweep's size once counted, `progress(cells, skipped)` and `on_pair()` report each finished pair,
@@ -141,7 +142,7 @@ def patch_pairs_on_ray(model: str, pairs: Sequence[Pair], sites: Sequence[str], 
                     "answer_scoring": "first_token", **(provenance or {})}
         store = ResultStore(out, manifest)  # refuses a folder of another sweep before any actor starts
         gpu = device.startswith("cuda")
-        cpus = max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
+        cpus = threads or max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
         actor_class = ray.remote(num_cpus=1 if gpu else cpus, num_gpus=1 if gpu else 0, max_restarts=0)(PatchWorker)
         arguments = (model, device, dtype, cpus, {"folder": str(out), "manifest": manifest})
 
