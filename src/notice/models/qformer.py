@@ -326,9 +326,9 @@ class QFormerAdapter(ImageTokenAdapter):
         trace = self.trace(run, {"qformer"})
         states = self.qformer_memory(trace.cache["image_states"])[None]  # [1, 1+P, Dv]
         layers = self.streams["qformer"].layers_of["cross_attn"]
-        weights = torch.stack([self.blocks["qformer"][l].cross_weights(trace.acts[("qformer", l)]["after_self"][None,
-                                                                                                          :self.queries],
-                                                                       states)[0] for l in layers])  # [Lc, H, Q, 1+P]
+        blocks, queries = self.blocks["qformer"], self.queries
+        weights = torch.stack([blocks[l].cross_weights(trace.acts[("qformer", l)]["after_self"][None, :queries], states)[0]
+                               for l in layers])  # [Lc, H, Q, 1+P]
         return ImageAttention("qformer", "cross_attn", weights[..., 1:].mean(dim=2, keepdim=True),
                               states[0, 1:].float(), 0, (self.grid, self.grid), layers)
 
