@@ -156,16 +156,17 @@ class QFormerBlock(BertBlock):
         tokens (None: all). Cross-attention targets exist at query rows only."""
         if target == "layer" or target.startswith("cross_attn"):
             return super().finish(target, value, mine, memory)
-        mixed = self.text_output_norm is not None and query_rows is not None and not bool(query_rows.all())
         if target == "mlp":
-            query = self.output_norm(value + mine("after_cross"))
-            text = self.text_output_norm(value + mine("after_cross")) if mixed else None  # type: ignore[misc]
+            ffn_input = mine("after_cross")
+            query = self.output_norm(value + ffn_input)
         else:
             write = self.self_out(value) if target == "self_attn.z" else value
             after_self = self.self_norm(write + mine("x"))
             query = BertBlock.from_self(self, after_self, memory)  # the rows are any positions: no split by order
-            text = self.text_mlp(after_self) if mixed else None
-        return query if text is None else torch.where(query_rows[..., None], query, text)  # type: ignore[index]
+        if self.text_output_norm is None or query_rows is None or bool(query_rows.all()):
+            return query
+        text = self.text_output_norm(value + ffn_input) if target == "mlp" else self.text_mlp(after_self)
+        return torch.where(query_rows[..., None], query, text)
 
     def derive(self, store: dict[str, torch.Tensor]) -> None:
         q = self.queries
