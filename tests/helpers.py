@@ -192,22 +192,31 @@ TINY_QFORMER = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers
 QFORMER_SENTENCES = LLAVA_SENTENCES + ["Question: Answer: Short answer: is the shape red?"]  # the prompts' words, whole
 
 
-def opt_tokenizer(sentences=QFORMER_SENTENCES, vocab_size=400):
-    """A small GPT-2-style byte-level BPE tokenizer as OPT's: `</s>` prepended as BOS, offsets trimmed."""
+def byte_level_tokenizer(sentences: list[str], vocab_size: int, special: list[str], bos: str, trim_offsets: bool,
+                         appended: str | None = None, **tokens):
+    """A small byte-level BPE tokenizer (GPT-2's, OPT's, Llama 3's kind) trained here on a few sentences, `bos`
+    prepended; `appended`: a special token added after training, so that it takes the last id."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<s>", "<pad>", "</s>", "<unk>", "<image>"]  # OPT's ids: <pad> 1, </s> 2
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(unk_token=tokens.get("unk_token")))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(sentences, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=True),
-        processors.TemplateProcessing(single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="</s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+        processors.ByteLevel(trim_offsets=trim_offsets),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, special.index(bos))])])
+    if appended is not None:
+        backend.add_special_tokens([appended])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, **tokens)
+
+
+def opt_tokenizer(sentences=QFORMER_SENTENCES, vocab_size=400):
+    """OPT's kind: `</s>` prepended as BOS, offsets trimmed; OPT's ids: <pad> 1, </s> 2."""
+    return byte_level_tokenizer(sentences, vocab_size, ["<s>", "<pad>", "</s>", "<unk>", "<image>"], "</s>", True,
+                                eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def qformer_model(kind: str, arch: dict, tokenizer, seed: int = 0):
@@ -259,6 +268,75 @@ def save_qformer(folder: Path, kind: str, arch: dict = TINY_QFORMER, seed: int =
     """A random-init BLIP-2 or InstructBLIP checkpoint with its processor, written by save_pretrained."""
     processor = qformer_processor(kind, arch)
     qformer_model(kind, arch, processor.tokenizer, seed).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- Llama-3.2-Vision
+# Llama-3.2-11B-Vision's layout at toy size: cross-attention layers among self-attention layers, a local
+# and a gated global vision encoder, intermediate local outputs beside the global one
+TINY_MLLAMA = dict(image_size=32, patch_size=8, tiles=1, vision_hidden=32, vision_layers=3, global_layers=1,
+                   vision_heads=2, vision_mlp=64, kept=(0, 2), text_hidden=32, text_layers=4, cross_layers=(1, 3),
+                   text_heads=4, text_kv_heads=2, text_mlp=64)
+
+
+# Llama-3.2-Vision-Instruct's prompt format for one user turn (its template, without the system date)
+MLLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|image|>{% elif item['type'] == 'text' %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def mllama_processor(arch: dict):
+    """Llama 3's kind of tokenizer (byte-level, <|begin_of_text|> prepended, <|image|> the last id, one past the
+    LM head as in the real checkpoints) and Llama-3.2-Vision's tiling image processor."""
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer = byte_level_tokenizer(LLAVA_SENTENCES, 400, special, "<|begin_of_text|>", False, appended="<|image|>",
+                                     eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
+                                     model_max_length=64)
+    image_processor = MllamaImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]},
+                                              max_image_tiles=arch["tiles"])
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
+
+
+def mllama_model(arch: dict, tokenizer, seed: int = 0):
+    """A random-init Llama-3.2-Vision, sensitized, every tanh gate drawn away from its zero init (at zero the
+    text would never see the image)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
+
+    image_token = len(tokenizer) - 1
+    layouts = [list(layout) for layout in get_all_supported_aspect_ratios(arch["tiles"])]
+    vision = dict(image_size=arch["image_size"], patch_size=arch["patch_size"], max_num_tiles=arch["tiles"],
+                  hidden_size=arch["vision_hidden"], num_hidden_layers=arch["vision_layers"],
+                  num_global_layers=arch["global_layers"], attention_heads=arch["vision_heads"],
+                  intermediate_size=arch["vision_mlp"], intermediate_layers_indices=list(arch["kept"]),
+                  vision_output_dim=arch["vision_hidden"] * (1 + len(arch["kept"])), supported_aspect_ratios=layouts)
+    text = dict(vocab_size=image_token, hidden_size=arch["text_hidden"], num_hidden_layers=arch["text_layers"],
+                cross_attention_layers=list(arch["cross_layers"]), num_attention_heads=arch["text_heads"],
+                num_key_value_heads=arch["text_kv_heads"], intermediate_size=arch["text_mlp"],
+                max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = sensitize(MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,
+                                                                   image_token_index=image_token)), seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("gate", "gate_attn", "gate_ffn")):
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+    return model.eval()
+
+
+def save_mllama(folder: Path, arch: dict = TINY_MLLAMA, seed: int = 0) -> Path:
+    """A random-init Llama-3.2-Vision checkpoint with its processor and chat template, written by save_pretrained."""
+    processor = mllama_processor(arch)
+    mllama_model(arch, processor.tokenizer, seed).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 

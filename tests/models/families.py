@@ -103,9 +103,23 @@ def qformer_eager_attention(adapter, inputs) -> torch.Tensor:
     return torch.stack(out.cross_attentions, dim=1)[0, ..., 1:].mean(dim=2, keepdim=True)
 
 
+# ------------------------------------------------------------------ Llama-3.2-Vision
+def mllama_native_logits(adapter, inputs) -> torch.Tensor:
+    return adapter.model(**inputs).logits[:, -1]
+
+
+def mllama_eager_attention(adapter, inputs) -> torch.Tensor:
+    """The cross-attention layers' attention to the image's patches (one tile: [CLS] dropped)."""
+    with eager(adapter.model):
+        out = adapter.model(**inputs, output_attentions=True)
+    return torch.stack([out.attentions[l] for l in adapter.cross_layers], dim=1)[0, ..., 1:]
+
+
 FAMILIES = {
     "blip": Family("blip", helpers.TINY_BLIP["image_size"], save_blip, blip_native_logits, blip_eager_attention),
     "llava": Family("llava", helpers.TINY_LLAVA["image_size"], save_llava, llava_native_logits, llava_eager_attention),
     **{kind: Family(kind, helpers.TINY_QFORMER["image_size"], functools.partial(helpers.save_qformer, kind=kind),
                     qformer_native_logits, qformer_eager_attention) for kind in ("blip-2", "instructblip")},
+    "mllama": Family("mllama", helpers.TINY_MLLAMA["image_size"], helpers.save_mllama, mllama_native_logits,
+                     mllama_eager_attention),
 }

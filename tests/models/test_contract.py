@@ -188,7 +188,7 @@ def test_one_call_with_patches_at_several_layers_keeps_the_given_order(family):
     if not adapter.cross_layer_streams:
         pytest.skip(f"{adapter.family} runs one layer per call")
     stream = next(iter(adapter.cross_layer_streams))
-    pair = pairs["image_smp"]
+    pair = pairs["text_str"]  # the prompts differ from the first layer on (an image reaches mllama's later)
     clean, corrupt = pair_runs(adapter, pair)
     receiving, source = adapter.trace(corrupt), adapter.trace(clean)
     last, top = receiving.num_positions[stream] - 1, adapter.streams[stream].layers - 1

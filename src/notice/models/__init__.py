@@ -35,6 +35,7 @@ FAMILIES = {
     "llava": "notice.models.llava:LlavaAdapter",
     "blip-2": "notice.models.qformer:Blip2Adapter",
     "instructblip": "notice.models.qformer:InstructBlipAdapter",
+    "mllama": "notice.models.mllama:MllamaAdapter",
 }
 
 

@@ -322,8 +322,8 @@ class ModelAdapter(ABC):
             states = {}
             for start in range(0, len(unique), size):
                 chunk = unique[start:start + size]
-                pixels = self.prepare([images[i] for i in chunk], ["?"] * len(chunk)).pixel_values
-                for i, row in zip(chunk, self.encode_image(self.embed_image(pixels))):
+                prepared = self.prepare([images[i] for i in chunk], ["?"] * len(chunk))
+                for i, row in zip(chunk, self.encode_images(prepared, self.embed_images(prepared))):
                     states[i] = row
         for index in self.batches_by_length(questions, size):
             inputs = self.prepare([images[image_index[i]] for i in index], [questions[i] for i in index])
@@ -373,6 +373,15 @@ class ModelAdapter(ABC):
     def encode_image(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Image embeddings → what the text side reads of the image."""
 
+    def embed_images(self, inputs) -> torch.Tensor:
+        """`embed_image` of prepared inputs' pixels, [B, I, Dv]. A family whose tower reads more of the
+        inputs than the embeddings (each image's patch grid) overrides this and `encode_images`."""
+        return self.embed_image(inputs.pixel_values)
+
+    def encode_images(self, inputs, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """`encode_image` of prepared inputs' image embeddings (noise may be on them)."""
+        return self.encode_image(image_embeddings)
+
     @abstractmethod
     def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
         """First answer-step logits [B, V] from encoded images and token embeddings."""
@@ -416,7 +425,7 @@ class ModelAdapter(ABC):
     @torch.no_grad()
     def run_logits(self, run: Run) -> torch.Tensor:
         """The plain forward of a run through the model's own modules: [B, V] float32."""
-        image, tokens = self.embed_image(run.inputs.pixel_values), self.embed_tokens(run.inputs.input_ids)
+        image, tokens = self.embed_images(run.inputs), self.embed_tokens(run.inputs.input_ids)
         if run.noise is not None:
             image, tokens = image.clone(), tokens.clone()
             for row, spec in enumerate(run.noise):
@@ -424,7 +433,7 @@ class ModelAdapter(ABC):
                     target = image if spec["stream"] == "vision" else tokens
                     target[row:row + 1] = add_noise(target[row:row + 1], spec,
                                                     self.embedding_sigma(spec["stream"], target[row:row + 1]))
-        return self.logits_from_states(run.inputs, self.encode_image(image), tokens).float()
+        return self.logits_from_states(run.inputs, self.encode_images(run.inputs, image), tokens).float()
 
     @abstractmethod
     def num_positions(self, run: Run) -> dict[str, int]:

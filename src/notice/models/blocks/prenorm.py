@@ -3,7 +3,9 @@
 Components of such a layer: "self_attn" (the attention's write into the residual stream),
 "self_attn.z" (every head's values before the output projection), "mlp" (the MLP's write) and
 "layer" (the output). Writes may pass an extra norm before the residual add (Gemma's sandwich
-norms); the family's site map then points the write at that norm's output.
+norms); the family's site map then points the write at that norm's output. Writes may be scaled by
+tanh of a learned gate (Llama-3.2-Vision); a site then holds the write before its gate, a constant
+of the model, so patching it patches the gated write.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ class PreNormBlock:
     mlp: nn.Module
     attn_out_norm: nn.Module | None = None
     mlp_out_norm: nn.Module | None = None
+    attn_gate: nn.Parameter | None = None  # the attention's write is scaled by tanh(attn_gate)
+    mlp_gate: nn.Parameter | None = None
 
     def attn_write(self, z: torch.Tensor) -> torch.Tensor:
         write = self.out(z)
         return write if self.attn_out_norm is None else self.attn_out_norm(write)
 
     def after_attention(self, x: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
-        """The layer's output from its input and its attention's write, position-wise."""
-        resid = x + write
-        return resid + self.mlp_write(resid)
+        """The layer's output from its input and its attention's (ungated) write, position-wise."""
+        resid = x + gated(self.attn_gate, write)
+        return resid + gated(self.mlp_gate, self.mlp_write(resid))
 
     def mlp_write(self, resid: torch.Tensor) -> torch.Tensor:
         write = self.mlp(self.mlp_norm(resid))
@@ -47,12 +51,17 @@ class PreNormBlock:
         if target == "layer":
             return value
         if target == "mlp":
-            return mine("after_self") + value
+            return mine("after_self") + gated(self.mlp_gate, value)
         write = self.attn_write(value) if target == "self_attn.z" else value
         return self.after_attention(mine("x"), write)
 
     def derive(self, store: dict[str, torch.Tensor]) -> None:
-        store["after_self"] = store["x"] + store["self_attn"]
+        store["after_self"] = store["x"] + gated(self.attn_gate, store["self_attn"])
+
+
+def gated(gate: nn.Parameter | None, write: torch.Tensor) -> torch.Tensor:
+    """A write scaled by tanh of its gate, as Llama-3.2-Vision's gated layers add it; ungated as it is."""
+    return write if gate is None else gate.tanh() * write
 
 
 @dataclass(kw_only=True)
@@ -64,9 +73,10 @@ class EncoderBlock(PreNormBlock):
     heads: int
     scale: float | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on rows [N, P, D]; mask [P, P] bool (True = attend), None: every position sees every other."""
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)))
-        return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, scale=self.scale))))
+        return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, mask, self.scale))))
 
 
 @dataclass(kw_only=True)
