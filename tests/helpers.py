@@ -276,7 +276,7 @@ def save_qformer(folder: Path, kind: str, arch: dict = TINY_QFORMER, seed: int =
 # Llama-3.2-11B-Vision's layout at toy size: cross-attention layers among self-attention layers, a local
 # and a gated global vision encoder, intermediate local outputs beside the global one
 TINY_MLLAMA = dict(image_size=32, patch_size=8, tiles=1, vision_hidden=32, vision_layers=3, global_layers=1,
-                   vision_heads=2, vision_mlp=64, kept=(0, 2), text_hidden=32, text_layers=4, cross_layers=(1, 3),
+                   vision_heads=2, vision_mlp=64, kept=(0, 2), text_hidden=32, text_layers=4, cross_layers=(1, 2),
                    text_heads=4, text_kv_heads=2, text_mlp=64)
 
 
@@ -288,9 +288,10 @@ MLLAMA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
 
-def mllama_processor(arch: dict):
+def mllama_processor(arch: dict, instruct: bool = True):
     """Llama 3's kind of tokenizer (byte-level, <|begin_of_text|> prepended, <|image|> the last id, one past the
-    LM head as in the real checkpoints) and Llama-3.2-Vision's tiling image processor."""
+    LM head as in the real checkpoints) and Llama-3.2-Vision's tiling image processor; with the Instruct
+    models' chat template, or none as the base models."""
     from transformers import MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -301,7 +302,8 @@ def mllama_processor(arch: dict):
                                      model_max_length=64)
     image_processor = MllamaImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]},
                                               max_image_tiles=arch["tiles"])
-    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE)
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                           chat_template=MLLAMA_CHAT_TEMPLATE if instruct else None)
 
 
 def mllama_model(arch: dict, tokenizer, seed: int = 0):
@@ -333,9 +335,10 @@ def mllama_model(arch: dict, tokenizer, seed: int = 0):
     return model.eval()
 
 
-def save_mllama(folder: Path, arch: dict = TINY_MLLAMA, seed: int = 0) -> Path:
-    """A random-init Llama-3.2-Vision checkpoint with its processor and chat template, written by save_pretrained."""
-    processor = mllama_processor(arch)
+def save_mllama(folder: Path, arch: dict = TINY_MLLAMA, seed: int = 0, instruct: bool = True) -> Path:
+    """A random-init Llama-3.2-Vision checkpoint with its processor (and, `instruct`, its chat template), written
+    by save_pretrained."""
+    processor = mllama_processor(arch, instruct)
     mllama_model(arch, processor.tokenizer, seed).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

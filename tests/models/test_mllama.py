@@ -80,11 +80,12 @@ def test_rows_before_the_image_token_read_the_image_but_add_no_mlp_write(mllama,
         assert acts["mlp"][:first].abs().max() > 1e-3  # the MLP ran there; its write is what the layer drops
     pair = helpers.make_pairs(tmp_path, ARCH["image_size"])["image_smp"]
     cross = ARCH["cross_layers"][0]
-    table = patch_pair(mllama, pair, [f"lm.{cross}.mlp@{p}" for p in range(first + 1)])
-    before, at_image = table[table["position"] < first], table[table["position"] == first]
+    last = mllama.num_positions(run)["lm"] - 1
+    table = patch_pair(mllama, pair, [f"lm.{cross}.mlp@{p}" for p in [*range(first), last]])
+    before, answer = table[table["position"] < first], table[table["position"] == last]
     baseline = float(before["ld"].iloc[0])
     assert before["ld"].sub(baseline).abs().max() < 1e-5  # one effect, none: the write is dropped there
-    assert abs(float(at_image["ld"].iloc[0]) - baseline) > 1e-3  # from the image token on, the write counts
+    assert abs(float(answer["ld"].iloc[0]) - baseline) > 1e-3  # after the image token, the write counts
 
 
 def test_an_image_corruption_reaches_the_text_only_through_cross_attention(mllama, tmp_path):
@@ -130,3 +131,10 @@ def test_a_prompt_with_a_second_image_is_refused(mllama):
         mllama.prepare([image], ["<|image|> what color is the shape?"])
     with pytest.raises(NoticeError, match="one image per prompt"):
         mllama.embed_images(mllama.processor(images=[[image, image]], text=["<|image|><|image|>?"], return_tensors="pt"))
+
+
+def test_a_base_checkpoint_reads_the_image_token_then_the_question(tmp_path):
+    adapter = load_model(str(helpers.save_mllama(tmp_path / "base", instruct=False)))
+    assert adapter.prompt(QUESTION) == f"<|image|><|begin_of_text|>{QUESTION}"
+    labels = adapter.position_labels(_run(adapter))["lm"]
+    assert labels[:2] == ["<|image|>", "<|begin_of_text|>"] and labels[-1] == "?"
