@@ -379,8 +379,8 @@ class ModelAdapter(ABC):
         """The scale of Gaussian-noise corruption: std of the token-embedding matrix (text, as in
         ROME's causal tracing) or of the given image's patch embeddings (vision, [CLS] excluded)."""
         if stream == "vision":
-            return float(embeddings[:, 1:].float().std())
-        return float(self.word_embeddings.weight.float().std())
+            return float(embeddings[:, 1:].detach().float().std())
+        return float(self.word_embeddings.weight.detach().float().std())
 
     # -------------------------------------------------------------------- runs
     def runs_for(self, clean_image, corrupt_image, clean_prompt: str, corrupt_prompt: str,
