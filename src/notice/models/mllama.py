@@ -31,6 +31,7 @@ from notice.errors import NoticeError
 from notice.models.base import (ImageAttention, ModelAdapter, PatchBatch, Run, StreamFacts, StreamMap, Trace,
                                 check_batch, grid_labels, mask_patch_positions, resolve_dtype)
 from notice.models.blocks import DecoderBlock, EncoderBlock
+from notice.models.blocks.attention import AttentionInputs
 from notice.models.blocks.gated_cross import GatedCrossBlock
 from notice.models.blocks.prenorm import Rope, causal_mask
 from notice.models.image_tokens import rows_in_given_order
@@ -463,6 +464,17 @@ class MllamaAdapter(ModelAdapter):
                 hidden = block.forward(hidden, self.rope(cache, start, count), prefix, self.causal(cache, start, count))
         assert hidden is not None, "rows enter before the last layer's output"
         return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
+
+    def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
+        """The towers' heads read every position but padding and unused tiles; the LM's self-attention heads
+        the prompt (causal, rotary), its cross-attention heads the image states (the model's mask)."""
+        block, x = self.blocks[stream][layer], trace.acts[(stream, layer)]["x"]
+        if isinstance(block, EncoderBlock):
+            return block.attention_inputs(x, trace.cache["tower_mask"] == 0)
+        if isinstance(block, GatedCrossBlock):
+            return block.cross_inputs(x, trace.cache["image_states"], trace.cache["cross_mask"])
+        count = trace.num_positions["lm"]
+        return block.attention_inputs(x, self.rope(trace.cache, 0, count), self.causal(trace.cache, 0, count))
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["lm"].layers - 1

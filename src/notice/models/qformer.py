@@ -29,6 +29,7 @@ from notice.models.base import (ImageAttention, PatchBatch, Run, Site, StreamFac
 from notice.models.blip import STREAM_MAPS as BLIP_MAPS
 from notice.models.blip import vit_block
 from notice.models.blocks import CrossAttention, DecoderBlock, QFormerBlock
+from notice.models.blocks.attention import AttentionInputs
 from notice.models.image_tokens import ImageTokenAdapter
 from notice.models.llava import llama_block
 
@@ -279,6 +280,13 @@ class QFormerAdapter(ImageTokenAdapter):
         cache["qformer_kv"] = [None if b.crossing is None else b.cross_kv(states) for b in self.blocks["qformer"]]
         cache["qformer_input"] = acts[("qformer", 0)]["x"]
         return cache
+
+    def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
+        """The Q-Former's cross-attention heads: the query rows' queries over the image; the rest as inherited."""
+        if stream != "qformer" or component != "cross_attn":
+            return super().attention_inputs(trace, stream, layer, component)
+        rows = trace.acts[("qformer", layer)]["after_self"][:self.queries]
+        return self.blocks["qformer"][layer].cross_inputs(rows, self.qformer_memory(trace.cache["image_states"]))
 
     def qformer_memory(self, image_states: torch.Tensor) -> torch.Tensor:
         return image_states.to(self.model.qformer.encoder.layer[0].attention.output.dense.weight.dtype)

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from notice.models.blocks.attention import attend, merge_heads
+from notice.models.blocks.attention import AttentionInputs, attend, merge_heads
 from notice.models.blocks.prenorm import PreNormBlock, gated
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # [1 or N, KVH, M, d] each
@@ -69,6 +69,12 @@ class GatedCrossBlock(PreNormBlock):
         keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
         scores = (self.queries(hidden) @ keys.transpose(2, 3)).float() * self.scale
         return (scores + mask.float()).softmax(dim=-1)
+
+    def cross_inputs(self, hidden: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> AttentionInputs:
+        """What the query heads read for a layer input [T, D] over memory states [M, E] (keys and values
+        repeated per query head); mask [T, M] additive, the model's."""
+        keys, values = (t[0].repeat_interleave(self.heads // self.kv_heads, dim=0) for t in self.memory(states[None]))
+        return AttentionInputs(self.queries(hidden[None])[0], keys, values, mask == 0, self.scale)
 
     def finish(self, target: str, value: torch.Tensor, mine: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The layer's output at patched rows [N, K, W] from the target's value there; mine(name) gives the
