@@ -69,6 +69,12 @@ def test_report_verb_rebuilds_the_report_from_a_run_folder(run_folder, tmp_path)
     result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
     assert "What the heads do" in (tmp_path / "again" / "index.html").read_text()
+    # every condition the run asked for, with the selection's counts read from beside its pairs files
+    conditions = pd.read_csv(tmp_path / "again" / "tables" / "conditions.csv", keep_default_na=False)
+    assert set(conditions["condition"]) == {"easyvqa-color/image/smp", "easyvqa-color/text/str_both",
+                                            "easyvqa-shape/image/smp"}
+    assert (conditions["input"] > 0).all() and (conditions["selected"] >= conditions["analysed"]).all()
+    assert all(reason.split(" kept")[0].split(" of ")[-1].isdigit() for reason in conditions["reason"] if reason)
 
 
 def test_report_verb_lists_heads_by_the_paper_rule_with_scored_and_unscored_counts(run_folder, tmp_path):

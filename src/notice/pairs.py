@@ -26,6 +26,11 @@ STR_FORMS = {"one": "text_str", "both": "text_str_both"}
 PATH_METADATA = ("clean_mask", "corrupt_mask")
 
 
+def modality_of(corruption: str) -> str:
+    """The modality a corruption changes: image_* corrupt the image, the rest the text."""
+    return "image" if corruption.startswith("image") else "text"
+
+
 @dataclass(frozen=True)
 class Pair:
     id: str
@@ -41,7 +46,7 @@ class Pair:
 
     @property
     def modality(self) -> str:
-        return "image" if self.corruption.startswith("image") else "text"
+        return modality_of(self.corruption)
 
     def __post_init__(self) -> None:
         if self.corruption not in CORRUPTIONS:

@@ -177,7 +177,7 @@ def run_steps(config: RunConfig, console):
     from notice.patching.engine import example_run
     from notice.patching.sites import check_patterns
     from notice.report.build import ModelResults
-    from notice.select import select_pairs, selection_report_path, selection_row, write_selection
+    from notice.select import select_pairs, selection_report_path, write_selection
     from notice.store import load_results
     from notice.tasks import build_pairs
 
@@ -202,7 +202,7 @@ def run_steps(config: RunConfig, console):
                                          seed=config.seed, balance=config.balance,
                                          max_per_cell=config.max_per_cell, progress=progress)
                 write_selection(selection, kept_file, pairs_provenance(pairs_file))
-            selection_reports[spec.task] = selection_row(json.loads(selection_report_path(kept_file).read_text()))
+            selection_reports[spec.task] = json.loads(selection_report_path(kept_file).read_text())
             selected += read_pairs(kept_file)
             selected_files.append(kept_file)
         console.print(f"{config.model}: selected {len(selected)} pairs ("

@@ -44,12 +44,6 @@ class Selection:
                 "dropped": {f: sum(self.dropped[c][f] for c in corruptions) for f in FILTERS}}
 
 
-def selection_row(report: dict) -> dict:
-    """One row of counts from a selection report: pairs in, kept, and dropped by each filter."""
-    return {"input": report["input"], "kept": report["kept"],
-            **{f"dropped: {name}": count for name, count in report["dropped"].items()}}
-
-
 def selection_report_path(out: str | Path) -> Path:
     """Where the drop counts of a selection are stored: `<out stem>.selection.json` beside it."""
     out = Path(out)
