@@ -43,11 +43,10 @@ def test_empty_and_thin_conditions_are_listed_with_the_selection_s_reason():
     assert conditions.loc["color/image/noise", "status"] == "ok" and conditions.loc["color/image/noise", "reason"] == ""
     thin = conditions.loc["color/image/smp"]
     assert (thin["analysed"], thin["selected"], thin["status"]) == (12, 12, "too few pairs (< 20)")
-    assert thin["reason"].startswith("12 of 240 kept; dropped: 223 × balance") and "at most 1 per" in thin["reason"]
+    assert thin["reason"] == "12 of 240 kept; dropped: 223 balance (at most 1 per category and answer order), 5 clean_wrong"
     empty = conditions.loc["color/text/str"]
     assert (empty["analysed"], empty["patched"], empty["status"]) == (0, 0, "no pairs")
-    assert empty["reason"] == ("0 of 240 kept; dropped: 239 × no_flip (the corruption does not flip the model's "
-                               "answer), 1 × clean_wrong (the model answers the clean input wrong)")
+    assert empty["reason"] == "0 of 240 kept; dropped: 239 no_flip, 1 clean_wrong"
 
 
 def test_without_selection_counts_a_thin_condition_says_where_to_find_them():

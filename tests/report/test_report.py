@@ -99,8 +99,9 @@ def test_noise_and_smp_rows_are_reported_as_separate_conditions(report_dir):
 def test_every_condition_shows_its_pairs_or_the_reason_it_has_too_few(report_dir):
     page = (report_dir / "index.html").read_text()
     assert 'data-condition="color/text/noise"' in page
-    assert "0 of 60 kept; dropped: 60 × no_flip (the corruption does not flip the model&#x27;s answer)" in page
-    assert "8 pairs, too few pairs (&lt; 20): 8 of 60 kept; dropped: 50 × no_flip" in page
+    assert "0 of 60 kept; dropped: 60 no_flip" in page
+    assert "8 pairs, too few pairs (&lt; 20): 8 of 60 kept; dropped: 50 no_flip, 2 clean_wrong" in page
+    assert "no_flip: the corruption does not flip the model&#x27;s answer" in page  # what each filter means
     conditions = pd.read_csv(report_dir / "tables" / "conditions.csv", keep_default_na=False)
     assert list(conditions["condition"]) == ["color/image/smp", "color/image/noise", "color/text/str",
                                              "color/text/noise"]

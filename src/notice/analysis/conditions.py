@@ -23,7 +23,7 @@ CORRUPTION_TITLES = {"image_smp": "Semantic Minimal Pairs", "text_str": "Symmetr
                      "image_noise": "Gaussian noise (baseline)", "text_noise": "Gaussian noise (baseline)"}
 
 # why the selection drops a pair, by its filter name (notice.select.FILTERS)
-FILTER_REASONS = {"duplicate": "duplicates", "prompt_too_long": "prompt longer than the model reads",
+FILTER_REASONS = {"duplicate": "the same pair twice", "prompt_too_long": "prompt longer than the model reads",
                   "answers_share_first_token": "both answers start with the same token",
                   "clean_wrong": "the model answers the clean input wrong",
                   "no_flip": "the corruption does not flip the model's answer",
@@ -110,13 +110,12 @@ def _reason(row: Any) -> str:
 
 
 def _drop_reason(counts: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    """"16 of 240 kept; dropped: 223 × balance (left out to balance ..., at most 1 per ...), 1 × clean_wrong (...)"."""
+    """"16 of 240 kept; dropped: 223 balance (at most 1 per category and answer order), 1 clean_wrong";
+    `FILTER_REASONS` says what each filter means."""
     drops = sorted(((int(counts.get(name, 0)), name) for name in FILTER_REASONS if counts.get(name)), reverse=True)
     parts = []
     for count, name in drops:
-        why = FILTER_REASONS[name]
-        if name == "balance" and settings.get("max_per_cell"):
-            why += f", at most {settings['max_per_cell']} per category and order"
-        parts.append(f"{count} × {name} ({why})")
+        cap = settings.get("max_per_cell") if name == "balance" else None
+        parts.append(f"{count} {name}" + (f" (at most {cap} per category and answer order)" if cap else ""))
     kept = f"{int(counts.get('kept', 0))} of {int(counts.get('input', 0))} kept"
     return kept + ("; dropped: " + ", ".join(parts) if parts else "")

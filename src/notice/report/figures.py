@@ -42,7 +42,7 @@ class Grid:
     title: str
     rows: list[list[Panel | None]]
     row_titles: list[str]
-    xlabel: str
+    xlabel: str  # under the last row; "" for none (token labels speak for themselves)
     colorbar: str
     diverging: bool = True  # centred at zero; else from zero up (magnitudes)
 
@@ -109,6 +109,8 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
                 ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels] if last else [],
                               rotation=90, fontsize=7)
                 ax.set_yticks(range(values.shape[0]), [str(i) for i in panel.values.index], fontsize=7)
+                if last and grid.xlabel:
+                    ax.set_xlabel(grid.xlabel, fontsize=8)
                 if r == 0:
                     ax.set_title(textwrap.fill(panel.title, int(widths[c] * 13) + 8), fontsize=8)
                 if c == 0:
@@ -158,7 +160,8 @@ def interactive_grid(grid: Grid, element_id: str) -> str:
                 hovertemplate=f"{grid.row_titles[r]}, layer %{{y}}, %{{text}}<br>{grid.colorbar} %{{z:.3g}}{extra}"
                               "<extra></extra>"), row=r + 1, col=c + 1)
             figure.update_xaxes(tickvals=list(range(len(panel.xlabels))), ticktext=list(panel.xlabels),
-                                showticklabels=r == len(grid.rows) - 1, tickfont_size=10, row=r + 1, col=c + 1)
+                                showticklabels=r == len(grid.rows) - 1, tickfont_size=10, row=r + 1, col=c + 1,
+                                title_text=grid.xlabel if r == len(grid.rows) - 1 and grid.xlabel else None)
             figure.update_yaxes(title_text=f"{grid.row_titles[r]}<br>layer" if c == 0 else None, title_font_size=11,
                                 row=r + 1, col=c + 1)
         domain = figure.get_subplot(r + 1, 1).yaxis.domain

@@ -29,7 +29,7 @@ figure.plot { margin: .8rem 0 1.4rem; } figure.plot figcaption, .overlays figcap
 .overlays { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: .8rem; }
 .overlays figure { margin: 0; } .overlays img { width: 100%; }
 .side { display: flex; flex-wrap: wrap; gap: 1.2rem; align-items: flex-start; }
-.side > div { flex: 1 1 400px; max-width: 560px; }
+.side > div { flex: 1 1 400px; max-width: 560px; } .side td { white-space: nowrap; }
 .note { color: #555; font-size: .9rem; } .csv { font-size: .8rem; }
 .summary { background: #f8f8fa; border: 1px solid #e2e2e6; padding: .4rem 1.2rem 1rem; border-radius: 6px; }
 .findings li { margin: .3rem 0; } .status-warn { color: #a4410e; }

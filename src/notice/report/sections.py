@@ -96,7 +96,7 @@ def _module_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, tabl
     rows = [[_module_panel(means[row.condition], stream, component, _panel_title(row))
              for row in shown.itertuples()] for stream, component in kinds]
     grid = Grid(f"{analysis.name}: {shown['task'].iloc[0]}, {shown['modality'].iloc[0]} corrupted: modules",
-                rows, [component_title(*k) for k in kinds], "token", "normalized effect")
+                rows, [component_title(*k) for k in kinds], "", "normalized effect")
     bounds = [grid.bound(r) for r in range(len(kinds))]
     largest = max(bounds)
     scales = "; ".join(f"{component_title(*k)} ±{b:.3g}" + (f" (1/{largest / b:,.0f} of the largest)"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
-from notice.analysis.conditions import condition_title, is_baseline
+from notice.analysis.conditions import FILTER_REASONS, condition_title, is_baseline
 from notice.analysis.heads import head_name, strongest_cell
 from notice.analysis.universal import universal_heads
 from notice.report.html import Tables
@@ -57,7 +57,9 @@ def summary(analyses: Sequence[ModelAnalysis], tables: Tables, min_pairs: int) -
                                                      "direction", "input", "selected", "patched", "analysed",
                                                      "status", "reason"]],
                            "per model and condition: pairs into the selection, selected, patched and analysed (a "
-                           "defined effect); status and the reason from the selection's drop counts", shown=shown))
+                           "defined effect); status and the reason from the selection's drop counts", shown=shown)
+             + '<p class="note">Selection filters: ' + html.escape("; ".join(
+                 f"{name}: {why}" for name, why in FILTER_REASONS.items())) + ".</p>")
     if not strongest.empty:
         body += ("<h3>Strongest module and head per condition</h3>"
                  + tables.show("strongest", strongest, "per model and condition: the module cell with the largest "
