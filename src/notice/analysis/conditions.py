@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
+from notice.analysis.heads import valid_rows
 from notice.pairs import modality_of
 
 MIN_PAIRS = 20  # fewer pairs than this in a condition: its intervals are too wide to read much into
@@ -72,8 +73,6 @@ def condition_table(table: pd.DataFrame, selections: Mapping[str, Mapping[str, A
     pairs", "no pairs") and its reason from the drop counts.
 
     `selections`: task → a selection report as `notice select` writes it (`<out>.selection.json`)."""
-    from notice.analysis.heads import valid_rows
-
     directions = sorted(table["direction"].astype(str).unique()) or ["denoise"]
     labels = condition_labels(table) if len(table) else pd.Series(dtype=object)
     patched = table.assign(condition=labels).groupby(["condition"] + KEYS, sort=False)["pair_id"].nunique()

@@ -140,19 +140,18 @@ def _write_report(analyses: Sequence[ModelAnalysis], out_dir: Path, title: str, 
     return write_report(report, tables, out_dir)
 
 
-def _selection_reports(pairs_files: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    """task → the selection report beside each selected pairs file (`<stem>.selection.json`), where one is."""
+def _selection_reports(pairs_files: dict[Path, list[Pair]]) -> dict[str, dict[str, Any]]:
+    """task → the selection report beside a selected pairs file (`<stem>.selection.json`), where there is
+    one and the file holds one task (its counts are by corruption only)."""
     import json
 
-    from notice.pairs import pairs_provenance, read_pairs
     from notice.select import selection_report_path
 
     reports = {}
-    for path in pairs_files:
-        report = selection_report_path(path)
-        if report.is_file():
-            task = pairs_provenance(path).get("task") or read_pairs(path, check_files=False)[0].task
-            reports[str(task)] = json.loads(report.read_text())
+    for path, pairs in pairs_files.items():
+        report, tasks = selection_report_path(path), {pair.task for pair in pairs}
+        if report.is_file() and len(tasks) == 1:
+            reports[tasks.pop()] = json.loads(report.read_text())
     return reports
 
 
@@ -185,6 +184,7 @@ def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (
     table = load_results(results)
     if name is None and "model" in table and table["model"].nunique() == 1:
         name = str(table["model"].iloc[0])
-    pairs = [p for f in pairs_files for p in read_pairs(f)]
-    return make_report([ModelResults(name or "unknown", table, functions, pairs, _selection_reports(pairs_files))],
+    pairs_by_file = {Path(f): read_pairs(f) for f in pairs_files}
+    pairs = [p for file_pairs in pairs_by_file.values() for p in file_pairs]
+    return make_report([ModelResults(name or "unknown", table, functions, pairs, _selection_reports(pairs_by_file))],
                        out, title, min_conditions=min_conditions, top_k=top_k, rules=rules)
