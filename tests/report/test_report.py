@@ -91,7 +91,8 @@ def test_noise_and_smp_rows_are_reported_as_separate_conditions(report_dir):
             == {"color/image/smp": 20, "color/image/noise": 20, "color/text/str": 8})
     means = pd.read_csv(report_dir / "tables" / "module_means.csv")
     assert set(means["corruption"]) == {"image_smp", "image_noise", "text_str"} and (means["count"] <= 20).all()
-    page = (report_dir / "index.html").read_text().replace("\\u002f", "/")  # as plotly's JSON writes "/"
+    # as plotly's JSON writes "/" and a title's line break
+    page = (report_dir / "index.html").read_text().replace("\\u002f", "/").replace("\\u003cbr\\u003e", " ")
     assert "Semantic Minimal Pairs (color/image/smp, n=20)" in page
     assert "Gaussian noise (baseline) (color/image/noise, n=20)" in page
 
@@ -241,3 +242,16 @@ def test_paper_rule_without_pairs_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(NoticeError, match="unknown head-selection rule"):
         make_report([ModelResults("tiny", table)], tmp_path / "out", "rules", rules=["best"])
     assert not (tmp_path / "out").exists()
+
+
+def test_attribution_estimates_with_verified_cells_are_read_as_the_estimates_and_named(tmp_path):
+    estimates = synthetic_table({"color/image": [(1, 1)]}, samples=6, layers=2, heads=4)
+    estimates = estimates.assign(method="atp*", score=estimates["normalized_effect"].abs())
+    planted = estimates[estimates["head"].notna() & (estimates["layer"] == 1) & (estimates["head"] == 1)]
+    verified = planted.assign(method="exact", normalized_effect=planted["normalized_effect"] * 10)  # told apart
+    make_report([ModelResults("tiny", pd.concat([estimates, verified], ignore_index=True))], tmp_path / "out", "atp")
+    strongest = pd.read_csv(tmp_path / "out" / "tables" / "strongest.csv").iloc[0]
+    assert strongest["head"] == "L1H1" and 0.7 < strongest["head_mean_abs"] < 0.9  # the estimate alone
+    facts = json.loads((tmp_path / "out" / "report.json").read_text())["summary"]
+    assert facts["method"] == ["atp*"]
+    assert "Attribution patching (AtP*)" in (tmp_path / "out" / "index.html").read_text()

@@ -24,6 +24,20 @@ def valid_rows(table: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     return rows
 
 
+def one_method(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one patching method: a table of attribution estimates whose top cells were also
+    patched exactly (`method` "exact") is read as the estimates, which cover every cell; the exact rows
+    would otherwise be averaged with the estimates of the same cells."""
+    if "method" not in table or table["method"].nunique() < 2:
+        return table
+    return table[table["method"] != "exact"]
+
+
+def patching_methods(table: pd.DataFrame) -> list[str]:
+    """How a table's effects were obtained: "exact" (one patched run per cell) where it says nothing."""
+    return sorted(table["method"].astype(str).unique()) if "method" in table and len(table) else ["exact"]
+
+
 def head_effects(table: pd.DataFrame, stream: str = "text", component: str = "cross_attn",
                  metric: str = METRIC) -> pd.DataFrame:
     """One value per (sample, layer, head): the head patched at all positions where that was run,

@@ -6,7 +6,7 @@ heads); the summary at the top and the sections below are views of that analysis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +14,7 @@ import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.conditions import MIN_PAIRS, condition_labels, condition_table
-from notice.analysis.heads import module_means
+from notice.analysis.heads import module_means, one_method
 from notice.analysis.paper_rule import PAPER_RULES, answer_records, check_rules
 from notice.analysis.universal import condition_names, rank_by_condition, universal_heads
 from notice.errors import NoticeError
@@ -98,6 +98,7 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
     `rules` beyond "default" add the NOTICE paper's head selection (notice.analysis.paper_rule).
     Everything is written beside `out_dir` first and moved in at the end: an error leaves it as it was."""
     rules = check_rules(rules)
+    models = [replace(model, table=one_method(model.table)) for model in models]
     for model in models:
         count = len(condition_names(model.table, *focus_of(model.table)))
         if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):

@@ -23,6 +23,8 @@ from PIL import Image  # noqa: E402
 from notice.io import atomic_path  # noqa: E402
 
 DIVERGING, SEQUENTIAL = "RdBu_r", "Reds"
+CELL_PX, MAX_WIDTH_PX = 44, 1100  # interactive cells: width of one column; wider grids fill the page
+TITLE_PX = 48  # a colour bar's three-line title
 
 
 @dataclass
@@ -139,12 +141,19 @@ def interactive_grid(grid: Grid, element_id: str) -> str:
     from plotly.subplots import make_subplots
 
     columns, heights = grid.columns(), [24 * h for h in grid.heights()]
-    gap, top, bottom = 30, 50, 30 + 6 * min(grid.longest_label(), 24)
+    gap, top, bottom = 30, 90 if len(grid.rows) == 1 else 70, 30 + 6 * min(grid.longest_label(), 24)
     height = sum(heights) + gap * (len(heights) - 1)
+    left, right = 80, 90
+    # narrow grids (a few heads) keep square-ish cells rather than stretching over the page; a panel
+    # is never narrower than its title
+    natural = left + right + sum(max(CELL_PX * len(grid.column_labels(c)), 240) for c in range(columns)) \
+        + 40 * (columns - 1)
     figure = make_subplots(rows=len(grid.rows), cols=columns, row_heights=heights, horizontal_spacing=0.05,
-                           subplot_titles=[grid.column_title(c) for c in range(columns)]
+                           subplot_titles=[textwrap.fill(grid.column_title(c), 36).replace("\n", "<br>")
+                                           for c in range(columns)]
                            + [""] * columns * (len(grid.rows) - 1),
                            vertical_spacing=gap / height if len(heights) > 1 else 0.0)
+    titled = len(grid.rows) == 1  # several rows' bars would crowd their titles: the caption names them
     for r, row in enumerate(grid.rows):
         axis = f"coloraxis{r + 1 if r else ''}"
         for c, panel in enumerate(row):
@@ -169,11 +178,14 @@ def interactive_grid(grid: Grid, element_id: str) -> str:
         figure.update_layout({axis: dict(
             colorscale="RdBu" if grid.diverging else "Reds", reversescale=grid.diverging,
             cmin=-bound if grid.diverging else 0.0, cmax=bound, cmid=0.0 if grid.diverging else None,
-            colorbar=dict(y=(domain[0] + domain[1]) / 2, len=max(domain[1] - domain[0], 0.15), thickness=12,
-                          tickfont_size=10, title=dict(text="" if len(grid.rows) > 1 else grid.colorbar,
-                                                       side="right")))})
+            # the bar as tall as its row, from the row's bottom; a title (one row only) sits above it, in the margin
+            colorbar=dict(y=domain[0], yanchor="bottom", len=heights[r] + (TITLE_PX if titled else 0),
+                          lenmode="pixels", thickness=12, tickfont_size=10, exponentformat="e",  # 1e-4, not "100µ"
+                          title=dict(text=grid.colorbar.replace(" ", "<br>") if titled else "", side="top",
+                                     font_size=10)))})
     figure.update_annotations(font_size=12)
-    figure.update_layout(margin=dict(l=80, r=40, t=top, b=bottom), showlegend=False, height=height + top + bottom)
+    figure.update_layout(margin=dict(l=left, r=right, t=top, b=bottom), showlegend=False,
+                         height=height + top + bottom, width=natural if natural < MAX_WIDTH_PX else None)
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=element_id)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from notice.analysis.conditions import FILTER_REASONS, condition_title, is_baseline
-from notice.analysis.heads import head_name, strongest_cell
+from notice.analysis.heads import head_name, patching_methods, strongest_cell
 from notice.analysis.universal import universal_heads
 from notice.report.html import Tables
 from notice.report.sections import COMPONENT_TITLES, METRIC_TEXT, component_title, directions_text, interval
@@ -36,8 +36,11 @@ def summary(analyses: Sequence[ModelAnalysis], tables: Tables, min_pairs: int) -
         "universal_heads": {a.name: list(a.universal["head"]) if len(a.universal) else [] for a in analyses},
         "findings": found}
     sites = "; ".join(f"{a.name}: {_sites(a)}" for a in analyses)
+    methods = sorted({m for a in analyses for m in patching_methods(a.results.table)})
+    facts["method"] = methods
     body = ("<h2>Summary</h2>"
-            f"<p><b>What was done.</b> Activation patching ({html.escape(directions_text(directions))}) of "
+            f"<p><b>What was done.</b> {html.escape(_methods_text(methods))} "
+            f"({html.escape(directions_text(directions))}) of "
             f"{html.escape(', '.join(a.name for a in analyses))} on {html.escape(', '.join(facts['tasks']))}, with "
             f"the corruptions {html.escape(', '.join(f'{condition_title(c)} ({c})' for c in corruptions))}. "
             f"Sites: {html.escape(sites)}. A condition is a task, the corrupted modality and the corruption, so "
@@ -72,6 +75,17 @@ def summary(analyses: Sequence[ModelAnalysis], tables: Tables, min_pairs: int) -
         f'<li><a href="{tables.path(name)}">{html.escape(tables.path(name))}</a>: {html.escape(description)}</li>'
         for name, description in sorted(tables.descriptions.items())) + "</ul>"
     return body, facts
+
+
+METHOD_TITLES = {"exact": "activation patching, one patched run per cell",
+                 "atp": "attribution patching (AtP): each cell's effect estimated to first order from one backward",
+                 "atp*": "attribution patching (AtP*): first-order estimates with exact attention patterns and "
+                         "GradDrop"}
+
+
+def _methods_text(methods: Sequence[str]) -> str:
+    text = "; ".join(METHOD_TITLES.get(m, m) for m in methods)
+    return text[0].upper() + text[1:] + ("" if methods == ["exact"] else ". Effects below are these estimates")
 
 
 def _sites(analysis: ModelAnalysis) -> str:
