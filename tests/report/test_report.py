@@ -78,7 +78,7 @@ def test_report_opens_with_a_summary_of_what_was_done_and_found(report_dir):
                       "color/text/str": (8, "too few pairs (< 20)"), "color/text/noise": (0, "no pairs")}
     findings = " ".join(facts["findings"])
     assert "under Gaussian noise against" in findings and "under Semantic Minimal Pairs" in findings
-    assert "1 of 4 conditions have fewer than 20 pairs and 1 have none" in findings
+    assert "Of 4 conditions, 1 condition has fewer than 20 pairs and 1 condition has none" in findings
 
 
 def test_noise_and_smp_rows_are_reported_as_separate_conditions(report_dir):
@@ -255,3 +255,14 @@ def test_attribution_estimates_with_verified_cells_are_read_as_the_estimates_and
     facts = json.loads((tmp_path / "out" / "report.json").read_text())["summary"]
     assert facts["method"] == ["atp*"]
     assert "Attribution patching (AtP*)" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_overlays_take_their_pairs_from_each_condition_in_turn():
+    from notice.report.sections import _varied
+
+    def pair(i: str, corruption: str) -> Pair:
+        return Pair(i, "color", corruption, "a.png", "a.png", "q", "q", "red", "blue")
+
+    pairs = [pair("s0", "image_smp"), pair("s1", "image_smp"), pair("s2", "image_smp"), pair("n0", "image_noise")]
+    assert _varied(pairs, 2) == ["s0", "n0"] and _varied(pairs, 3) == ["s0", "n0", "s1"]
+    assert _varied([], 2) == []

@@ -21,6 +21,7 @@ MIN_PAIRS = 20  # fewer pairs than this in a condition: its intervals are too wi
 
 CORRUPTION_TITLES = {"image_smp": "Semantic Minimal Pairs", "text_str": "Symmetric Token Replacement",
                      "text_str_both": "Symmetric Token Replacement, both options",
+                     "text_str_yesno": "Symmetric Token Replacement, yes/no form",
                      "image_noise": "Gaussian noise (baseline)", "text_noise": "Gaussian noise (baseline)"}
 
 # why the selection drops a pair, by its filter name (notice.select.FILTERS)

@@ -16,6 +16,7 @@ from notice.analysis.conditions import condition_label, condition_title
 from notice.analysis.heads import head_name
 from notice.analysis.universal import universal_heads
 from notice.io import load_image
+from notice.pairs import Pair
 from notice.report.figures import Grid, Panel, attention_overlay, interactive_grid, static_grid
 from notice.report.html import Figure, Section, Tables, table_html
 
@@ -259,10 +260,20 @@ def head_function_section(analysis: ModelAnalysis, tables: Tables, out_dir: Path
     return Section(f"{prefix}What the heads do", body)
 
 
+def _varied(pairs: Sequence[Pair], count: int) -> list[str]:
+    """`count` pair ids taken in turn from each condition (task, corruption), so the overlays show several."""
+    by_condition: dict[tuple[str, str], list[str]] = {}
+    for pair in pairs:
+        by_condition.setdefault((pair.task, pair.corruption), []).append(pair.id)
+    in_turn = [ids[i] for i in range(max(map(len, by_condition.values()), default=0))
+               for ids in by_condition.values() if i < len(ids)]
+    return in_turn[:count]
+
+
 def _overlays(analysis: ModelAnalysis, functions: hf.HeadFunctions, focus: list[tuple[int, int]], out_dir: Path,
               per_head: int, prefix: str) -> str:
     pairs = {p.id: p for p in analysis.results.pairs}
-    shown = [pair_id for pair_id in dict.fromkeys(functions.maps["pair_id"]) if pair_id in pairs][:per_head]
+    shown = _varied([pairs[i] for i in dict.fromkeys(functions.maps["pair_id"]) if i in pairs], per_head)
     figures = []
     for layer, head in focus:
         for pair_id in shown:

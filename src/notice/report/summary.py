@@ -177,9 +177,15 @@ def findings(analyses: Sequence[ModelAnalysis], strongest: pd.DataFrame, min_pai
     conditions = pd.concat([a.conditions for a in analyses], ignore_index=True)
     empty, few = (conditions["status"] == "no pairs").sum(), conditions["status"].str.startswith("too few").sum()
     if empty or few:
-        found.append(f"{few} of {len(conditions)} conditions have fewer than {min_pairs} pairs and {empty} have none; "
-                     "the table of conditions below gives each one's reason from the selection counts.")
+        parts = ([f"{_count(few, 'condition')} fewer than {min_pairs} pairs"] if few else []) + (
+            [f"{_count(empty, 'condition')} none"] if empty else [])
+        found.append(f"Of {len(conditions)} conditions, {' and '.join(parts)}; the table of conditions below gives "
+                     "each one's reason from the selection counts.")
     return found
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun} has" if n == 1 else f"{n} {noun}s have"
 
 
 def _layer_findings(analysis: ModelAnalysis) -> list[str]:
