@@ -5,6 +5,7 @@ families compared and the selection counts. Each reads a `ModelAnalysis`, never 
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -33,7 +34,8 @@ METRIC_TEXT = ("normalized effect (LD_patched − LD_corrupt) / (LD_clean − LD
 
 
 def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+    """A file and element name: "easyvqa-blip: easyvqa-color" → "easyvqa-blip-easyvqa-color"."""
+    return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-")
 
 
 def component_title(stream: str, component: str) -> str:
