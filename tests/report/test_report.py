@@ -254,6 +254,7 @@ def test_attribution_estimates_with_verified_cells_are_read_as_the_estimates_and
     assert strongest["head"] == "L1H1" and 0.7 < strongest["head_mean_abs"] < 0.9  # the estimate alone
     facts = json.loads((tmp_path / "out" / "report.json").read_text())["summary"]
     assert facts["method"] == ["atp*"]
+    assert "tiny: the strongest text cross-attention head is L1H1 in color/image/smp (0.8" in " ".join(facts["findings"])
     assert "Attribution patching (AtP*)" in (tmp_path / "out" / "index.html").read_text()
 
 

@@ -257,10 +257,10 @@ def _head_findings(analysis: ModelAnalysis, strongest: pd.DataFrame) -> list[str
     if rows.empty:
         return []
     heads = component_title(*analysis.focus)
-    if rows["head"].nunique() == 1:
-        return [f"{analysis.name}: {rows['head'].iloc[0]} is the strongest {heads} head in "
-                f"{'every one of the ' if len(rows) > 1 else 'the '}{len(rows)} condition{'s' if len(rows) > 1 else ''} "
-                f"(mean |effect| {rows['head_mean_abs'].min():.3f}–{rows['head_mean_abs'].max():.3f})."]
+    if len(rows) > 1 and rows["head"].nunique() == 1:
+        return [f"{analysis.name}: {rows['head'].iloc[0]} is the strongest {heads} head in every one of the "
+                f"{len(rows)} conditions (mean |effect| {rows['head_mean_abs'].min():.3f}–"
+                f"{rows['head_mean_abs'].max():.3f})."]
     return [f"{analysis.name}: the strongest {heads} head is "
             + "; ".join(f"{r.head} in {r.condition} ({interval(r.head_mean_abs, r.head_ci_low, r.head_ci_high)})"
                         for r in rows.itertuples()) + "."]
