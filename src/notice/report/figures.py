@@ -141,7 +141,8 @@ def interactive_grid(grid: Grid, element_id: str) -> str:
     from plotly.subplots import make_subplots
 
     columns, heights = grid.columns(), [24 * h for h in grid.heights()]
-    gap, top, bottom = 30, 90 if len(grid.rows) == 1 else 70, 30 + 6 * min(grid.longest_label(), 24)
+    angle = -45 if grid.longest_label() > 3 else 0  # token labels slanted, head numbers level
+    gap, top, bottom = 30, 90 if len(grid.rows) == 1 else 70, 30 + 5 * min(grid.longest_label(), 24)
     height = sum(heights) + gap * (len(heights) - 1)
     left, right = 80, 90
     # narrow grids (a few heads) keep square-ish cells rather than stretching over the page; a panel
@@ -169,7 +170,8 @@ def interactive_grid(grid: Grid, element_id: str) -> str:
                 hovertemplate=f"{grid.row_titles[r]}, layer %{{y}}, %{{text}}<br>{grid.colorbar} %{{z:.3g}}{extra}"
                               "<extra></extra>"), row=r + 1, col=c + 1)
             figure.update_xaxes(tickvals=list(range(len(panel.xlabels))), ticktext=list(panel.xlabels),
-                                showticklabels=r == len(grid.rows) - 1, tickfont_size=10, row=r + 1, col=c + 1,
+                                showticklabels=r == len(grid.rows) - 1, tickfont_size=10, tickangle=angle,
+                                row=r + 1, col=c + 1,
                                 title_text=grid.xlabel if r == len(grid.rows) - 1 and grid.xlabel else None)
             figure.update_yaxes(title_text=f"{grid.row_titles[r]}<br>layer" if c == 0 else None, title_font_size=11,
                                 row=r + 1, col=c + 1)
