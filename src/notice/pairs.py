@@ -17,7 +17,8 @@ import pandas as pd
 from notice.errors import NoticeError
 from notice.io import atomic_path
 
-CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise")
+# text_str_yesno: STR on a yes/no question naming the clean image's attribute ("is there a red shape?")
+CORRUPTIONS = ("image_smp", "text_str", "text_str_yesno", "image_noise", "text_noise")
 # metadata entries that are file paths (object masks): stored relative like the images
 PATH_METADATA = ("clean_mask", "corrupt_mask")
 

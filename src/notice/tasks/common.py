@@ -40,6 +40,8 @@ class Sample:
     str_candidates: Sequence[str]
     metadata: dict[str, Any] = field(default_factory=dict)
     noise_positions: str = "all"  # image noise: "all" patches, or "object" where a mask is known
+    # (asserting, negated) yes/no prompts naming an attribute value ("is there a {} shape?"), where the task has them
+    yes_no: tuple[str, str] | None = None
 
     @property
     def correct_first(self) -> bool:
@@ -116,6 +118,8 @@ def derive_pairs(sample: Sample, tokenizer, corruptions: Sequence[str], seed: in
                                    "replacement": replacement.replacement})
             out.append(Pair(id=f"{sample.id}/text_str", corruption="text_str", corrupt_image=sample.clean_image,
                             corrupt_prompt=replacement.prompt, metadata=meta, **common))
+    if "text_str_yesno" in corruptions:
+        out += _yes_no_pair(sample, tokenizer, seed, report, base)
     noise_seed = stable_seed(seed, sample.id + "/noise")
     if "image_noise" in corruptions:
         meta = dict(base, noise=noise_spec("vision", sample.noise_positions, noise_seed))
@@ -128,6 +132,32 @@ def derive_pairs(sample: Sample, tokenizer, corruptions: Sequence[str], seed: in
     for pair in out:
         report.pairs[pair.corruption] += 1
     return out
+
+
+def _yes_no_pair(sample: Sample, tokenizer, seed: int, report: BuildReport, base: dict[str, Any]) -> list[Pair]:
+    """STR on a yes/no question about the clean image's own attribute value: "is there a red shape?" (yes)
+    against "is there a blue shape?" (no), or the negated form with the answers swapped. The clean
+    image decides the answer of both prompts, so the word swap flips a model that compares them.
+    Asserting or negated is a seeded choice per sample; selection balances the two."""
+    if sample.yes_no is None:
+        report.skipped["text_str_yesno: the task has no yes/no question form"] += 1
+        return []
+    rng = random.Random(stable_seed(seed, sample.id + "/yesno"))
+    negated = rng.random() < 0.5
+    prompt = sample.yes_no[negated].format(sample.correct)
+    replacement, rejected = replace_word(tokenizer, prompt, word_span(prompt, sample.correct),
+                                         [w for w in sample.str_candidates if w != sample.correct], rng)
+    report.str_rejected_candidates += rejected
+    if replacement is None:
+        report.skipped["text_str_yesno: no contrast word of equal token length"] += 1
+        return []
+    answers = ("no", "yes") if negated else ("yes", "no")
+    meta = {k: v for k, v in base.items() if k != "correct_first"}  # no options: the polarity is balanced instead
+    meta.update(negated=negated, str={"positions": replacement.positions, "replaced": replacement.replaced,
+                                      "replacement": replacement.replacement})
+    return [Pair(id=f"{sample.id}/text_str_yesno", task=sample.task, corruption="text_str_yesno",
+                 clean_image=sample.clean_image, corrupt_image=sample.clean_image, clean_prompt=prompt,
+                 corrupt_prompt=replacement.prompt, correct=answers[0], incorrect=answers[1], metadata=meta)]
 
 
 def _option_span(sample: Sample) -> tuple[int, int]:
