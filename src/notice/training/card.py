@@ -7,8 +7,10 @@ from pathlib import Path
 
 from notice.evaluation import evaluate_model
 
-KIND_NAMES = {"overall": "easy-VQA overall", "yes/no": "yes/no", "color": "colour", "shape": "shape",
-              "choice": "two-way choice", "all": "all questions"}
+KIND_NAMES = {"overall": "easy-VQA overall", "yes/no": "yes/no",
+              "yes/no shown color, asserting": "yes/no naming the shown colour (\"is there a red shape?\" on red)",
+              "yes/no shown color, negated": "yes/no naming the shown colour, negated (\"is there not a red shape?\")",
+              "color": "colour", "shape": "shape", "choice": "two-way choice", "all": "all questions"}
 
 
 def write_model_card(folder: Path, summary: dict, log=print) -> dict:
