@@ -42,10 +42,12 @@ class Recipe:
     heads: int = 4
     mlp: int = 512
     choice_per_kind: int = 2  # two-way colour and shape questions per image
+    shown_color_per_image: int = 2  # yes/no questions naming the image's own colour, per image
+    presence_weight: float = 0.5  # stage 2's auxiliary target: is the colour or shape a yes/no question names shown?
     stage1_epochs: int = 12
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 10
+    stage2_epochs: int = 6
     images_per_step: int = 32
     questions_per_image: int = 8
     stage2_lr: float = 1e-3
@@ -168,10 +170,13 @@ def patch_labels(paths: list[Path], colors: list[str], shapes: torch.Tensor, pat
 
 def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor,
                  patches: torch.Tensor, log) -> None:
+    """Colour and shape per image (mean patch state) and per patch (background, or the colour and the
+    shape covering it): the patch states then carry both attributes where the object is."""
     vision = model.vision_model
     n_colors, n_shapes = len(easy_vqa.COLORS), len(easy_vqa.SHAPES)
     image_head = torch.nn.Linear(recipe.hidden, n_colors + n_shapes)
-    patch_head = torch.nn.Linear(recipe.hidden, 1 + n_shapes)
+    patch_head = torch.nn.Linear(recipe.hidden, 1 + n_shapes + 1 + n_colors)
+    patch_colors = torch.where(patches > 0, 1 + colors[:, None], 0)  # [L, patches] 0 background, 1 + colour
     params = list(vision.parameters()) + list(image_head.parameters()) + list(patch_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -188,13 +193,15 @@ def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tens
                 group["lr"] = recipe.stage1_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
             flips = torch.rand(len(idx), generator=generator) < 0.5
             batch = torch.where(flips.view(-1, 1, 1, 1), pixels[idx].flip(3), pixels[idx])
-            targets = patches[idx].view(-1, grid, grid)
-            targets = torch.where(flips.view(-1, 1, 1), targets.flip(2), targets).flatten(1)
+            shape_targets, color_targets = (
+                torch.where(flips.view(-1, 1, 1), t.view(-1, grid, grid).flip(2), t.view(-1, grid, grid)).flatten()
+                for t in (patches[idx], patch_colors[idx]))
             states = vision(pixel_values=batch).last_hidden_state
             logits = image_head(states[:, 1:].mean(dim=1))
-            patch_logits = patch_head(states[:, 1:])
+            patch_logits = patch_head(states[:, 1:]).flatten(0, 1)
             loss = (F.cross_entropy(logits[:, :n_colors], colors[idx]) + F.cross_entropy(logits[:, n_colors:], shapes[idx])
-                    + F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten()))
+                    + F.cross_entropy(patch_logits[:, :1 + n_shapes], shape_targets)
+                    + F.cross_entropy(patch_logits[:, 1 + n_shapes:], color_targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,11 +213,14 @@ def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tens
 
 
 def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
-               questions_by_image: dict[int, list[easy_vqa.Question]], answer_loss, log, evaluate=None) -> None:
+               questions_by_image: dict[int, list[easy_vqa.Question]], answer_loss, log, evaluate=None,
+               probe: torch.nn.Module | None = None) -> None:
     """Stage 2 for either family: seeded batches of images, each with a sample of its questions,
     and a cosine schedule. `answer_loss(image_pixels, owner, questions) -> (loss, correct)` is the
-    family's forward; `owner[k]` is the batch row of question k's image."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
+    family's forward; `owner[k]` is the batch row of question k's image; `probe` is trained with the
+    model and discarded afterwards."""
+    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     rng = random.Random(recipe.seed + 3)
     image_ids = sorted(questions_by_image)
@@ -235,7 +245,7 @@ def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
             loss, hits = answer_loss(image_pixels, torch.tensor(owner), questions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             seen += len(questions)
             correct += hits
@@ -246,8 +256,21 @@ def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
             evaluate(epoch)
 
 
-def blip_answer_loss(model, tokenizer):
-    """BLIP's stage-2 forward: the vision pass once per image, shared by its questions."""
+def presence_loss(probe: torch.nn.Module, states: torch.Tensor, questions: list[easy_vqa.Question]) -> torch.Tensor:
+    """The auxiliary target of yes/no questions: whether the colour or shape they name is shown (the answer,
+    flipped for a negated question), read linearly from `states` [N, D]. Without it a model learns the
+    answers' prior (a named colour is absent seven times in eight) and, where the named colour is the shown
+    one, the asserting and negated forms separately; with it both forms share one comparison."""
+    targets = torch.tensor([int((q.answer == "yes") != easy_vqa.is_negated(q.question)) if q.kind == "yes/no"
+                            else -100 for q in questions])
+    if not (targets >= 0).any():
+        return states.new_zeros(())
+    return F.cross_entropy(probe(states), targets, ignore_index=-100)
+
+
+def blip_answer_loss(model, tokenizer, probe: torch.nn.Module | None = None, presence_weight: float = 0.0):
+    """BLIP's stage-2 forward: the vision pass once per image, shared by its questions; the presence probe
+    reads the text encoder's [CLS] state, which the answer decoder reads too."""
     sep = tokenizer.sep_token_id
 
     def answer_loss(image_pixels: torch.Tensor, owner: torch.Tensor, questions: list[easy_vqa.Question]):
@@ -262,9 +285,19 @@ def blip_answer_loss(model, tokenizer):
                                     encoder_attention_mask=enc["attention_mask"]).logits
         # answers are one wordpiece in this vocabulary: predict it, then [SEP]
         loss = F.cross_entropy(logits[:, 0], first) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(first, sep))
+        if probe is not None:
+            loss = loss + presence_weight * presence_loss(probe, question_states[:, 0], questions)
         return loss, int((logits[:, 0].argmax(1) == first).sum())
 
     return answer_loss
+
+
+def training_questions(recipe) -> list[easy_vqa.Question]:
+    """easy-VQA's training questions, two-way choice questions, and yes/no questions naming each image's
+    own colour: easy-VQA asks those one time in eight, too rarely to teach the comparison they need."""
+    return (easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+            + easy_vqa.shown_color_questions(easy_vqa.image_colors("train"), recipe.shown_color_per_image,
+                                             seed=recipe.seed + 4))
 
 
 def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_every_epoch: bool = False) -> dict:
@@ -275,7 +308,7 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
     started = time.time()
     out_dir = Path(out_dir)
 
-    train_questions = easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+    train_questions = training_questions(recipe)
     vocab = build_vocab(train_questions + list(easy_vqa.load_questions("test")))
     processor = build_processor(vocab, recipe.image_size, out_dir)
     tokenizer = processor.tokenizer
@@ -294,8 +327,9 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
             log(f"  test (300 images): {json.dumps(result['accuracy'])}")
             model.train()
 
-    run_stage2(model, recipe, pixels, image_index, questions_by_image, blip_answer_loss(model, tokenizer), log,
-               evaluate)
+    probe = torch.nn.Linear(recipe.hidden, 2)
+    run_stage2(model, recipe, pixels, image_index, questions_by_image,
+               blip_answer_loss(model, tokenizer, probe, recipe.presence_weight), log, evaluate, probe)
     model.eval()
     minutes = (time.time() - started) / 60
     model.save_pretrained(out_dir)
