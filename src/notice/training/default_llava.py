@@ -50,6 +50,7 @@ class LlavaRecipe:
     choice_per_kind: int = 2
     shown_color_per_image: int = 2
     presence_weight: float = 0.5
+    max_shift: int = 0
     stage1_epochs: int = 12
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
@@ -193,11 +194,10 @@ def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=pr
     model = build_model(recipe, processor.tokenizer)
     model.train()
 
-    data = TrainingData.load(processor.image_processor, train_questions, recipe.patch_size)
+    data = TrainingData.load(processor.image_processor, train_questions)
     log(f"easy-VQA train: {data.summary()}, vocabulary {len(processor.tokenizer)}")
     # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
-    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data.labelled_pixels, data.colors,
-                 data.shapes, data.patches, log)
+    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data, log)
     pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
     probe = torch.nn.Linear(recipe.lm_hidden, 2)
     run_stage2(model, recipe, pixels, image_index, questions_by_image,
