@@ -44,3 +44,22 @@ def test_presence_target_is_the_answer_flipped_by_negation_on_yes_no_questions_o
     expected = F.cross_entropy(probe(states[:3]), torch.tensor([1, 0, 1]))
     torch.testing.assert_close(presence_loss(probe, states, questions), expected)
     assert presence_loss(probe, states[3:], questions[3:]).item() == 0.0
+
+
+def test_shift_translates_each_image_and_fills_with_its_edge():
+    from notice.training.default_blip import shift
+
+    images = torch.zeros(2, 1, 6, 6)
+    images[:, :, 2:4, 2:4] = 1.0  # a 2x2 object on a zero background
+    moved = shift(images, torch.tensor([[1, -2], [0, 0]]))
+    assert torch.equal(moved[1], images[1])
+    assert moved[0, 0].nonzero().tolist() == [[3, 0], [3, 1], [4, 0], [4, 1]]
+
+
+def test_patch_targets_mark_patches_the_object_covers_by_a_tenth():
+    from notice.training.default_blip import patch_targets
+
+    coverage = torch.zeros(1, 4, 4)
+    coverage[0, 0, 0] = 0.4  # a tenth of the top-left 2x2 patch
+    coverage[0, 3, 3] = 0.3  # less than a tenth of the bottom-right one
+    assert patch_targets(coverage, torch.tensor([2]), 2).tolist() == [[3, 0, 0, 0]]
