@@ -27,6 +27,8 @@ demo: $(STAMP)
 	$(BIN)/notice demo
 
 test: $(STAMP) $(BROWSER)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # Reproduce the model card's accuracy table from the shipped weights.

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import helpers  # noqa: E402  (builders of random-init BLIP checkpoints)
+from notice.models.base import Run  # noqa: E402
 from notice.models.blip import BlipAdapter  # noqa: E402
 from notice.pairs import Pair  # noqa: E402
 from notice.patching.engine import patch_pair  # noqa: E402
@@ -125,13 +126,13 @@ def research_way(adapter: BlipAdapter, pair: Pair, cells, device: str) -> None:
         rows = slice(None) if site.position == "all" else slice(int(site.position), int(site.position) + 1)
         columns = adapter.site_columns(site) or slice(None)
 
-        def copy_clean_into_patched(t):
+        def copy_clean_into_patched(t, rows=rows, columns=columns):
             t = t.clone()
             t[2, rows, columns] = t[0, rows, columns]
             return t
 
         with hooked(adapter, site, copy_clean_into_patched):
-            logits = adapter.logits_from_inputs(inputs)
+            logits = adapter.run_logits(Run(inputs))
         logits[2].max().item()  # the research code reads each cell's result on the host
     sync(device)
 
@@ -191,7 +192,7 @@ def bench_arch(arch: str, args, dtype: torch.dtype) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         adapter = build(arch, Path(tmp), args.device, dtype)
         pair = make_pair(adapter, Path(tmp))
-        positions = adapter.num_positions(pair.clean_prompt)
+        positions = adapter.num_positions(pair_runs(adapter, pair)[0])
         sites = MODULE_SITES + HEAD_SITES
         cells = expand_sites(sites, adapter.streams, positions)
         heads = expand_sites(HEAD_SITES, adapter.streams, positions)

@@ -142,7 +142,7 @@ def main() -> None:
     pictures = (load_image(first.path), load_image(other.path))
     clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
     ids = clean.inputs.input_ids[0]
-    answer, image = adapter.answer_position(ids), adapter.image_positions(ids)
+    answer, image = adapter.answer_position(ids), adapter.image_positions(ids).tolist()
     lm = adapter.streams["lm"]
     mid = lm.layers // 2
     sweeps = {
@@ -163,7 +163,7 @@ def main() -> None:
         batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
         order = [i for group in groups for i in group.cells]
 
-        def engine() -> torch.Tensor:
+        def engine(batches=batches, order=order) -> torch.Tensor:
             out = torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])
             return out[torch.argsort(torch.tensor(order))]  # back to site order
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,93 @@ def save_llava(folder: Path, arch: dict, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------ patching fixtures
+PATCH_METRICS = ["ld", "normalized_effect", "p_correct", "delta_p", "kl"]
+PATCH_TOLERANCE = 1e-4  # fp32, absolute and relative
+
+
+def make_pairs(folder: Path, size: int) -> dict:
+    """One pair of each corruption kind on real image files: a red circle against a blue triangle."""
+    from notice.corrupt.noise import noise_spec
+    from notice.pairs import Pair
+
+    red, blue = folder / "red.png", folder / "blue.png"
+    shape_image(size, (255, 0, 0), "circle", box=(size // 4,) * 2 + (3 * size // 4,) * 2).save(red)
+    shape_image(size, (0, 0, 255), "triangle", box=(size // 8,) * 2 + (7 * size // 8,) * 2).save(blue)
+    question = "what color is the shape?"
+    return {
+        "image_smp": Pair("smp", "colors", "image_smp", str(red), str(blue), question, question, "red", "blue"),
+        "text_str": Pair("str", "colors", "text_str", str(red), str(red), "is the shape red?", "is the shape blue?",
+                         "yes", "no"),
+        "image_noise": Pair("inoise", "colors", "image_noise", str(red), str(red), question, question, "red", "blue",
+                            {"noise": noise_spec("vision", "all", seed=3)}),
+        # the question's first two words, tokenized alone after its first special token (as pairs store them)
+        "text_noise": Pair("tnoise", "colors", "text_noise", str(red), str(red), question, question, "red", "blue",
+                           {"noise": noise_spec("text", [1, 2], seed=4)}),
+    }
+
+
+def every_site_kind(adapter, pair) -> list[str]:
+    """Each stream × component × (whole, first head, last head): at the first layer's first position,
+    at the last layer's last position, and at every position at once."""
+    from notice.patching.inputs import pair_runs
+
+    positions = adapter.num_positions(pair_runs(adapter, pair)[0])
+    sites = []
+    for stream, facts in adapter.streams.items():
+        last_layer, last_position = facts.layers - 1, positions[stream] - 1
+        for component in facts.components:
+            heads = [""] + ([".head0", f".head{facts.heads - 1}"] if component.endswith("attn") else [])
+            for head in heads:
+                sites += [f"{stream}.0.{component}{head}@0", f"{stream}.{last_layer}.{component}{head}@{last_position}",
+                          f"{stream}.{last_layer // 2}.{component}{head}@all"]
+    return sites
+
+
+def assert_same_table(fast, slow) -> None:
+    import numpy.testing
+    import pandas.testing
+
+    assert list(fast.columns) == list(slow.columns)
+    assert fast["site"].tolist() == slow["site"].tolist()
+    plain = [c for c in fast.columns if c not in PATCH_METRICS]
+    pandas.testing.assert_frame_equal(fast[plain], slow[plain])
+    for metric in PATCH_METRICS:
+        numpy.testing.assert_allclose(fast[metric], slow[metric], rtol=PATCH_TOLERANCE, atol=PATCH_TOLERANCE,
+                                      err_msg=metric)
+
+
+def assert_both_options_swapped(pair, tokenizer) -> None:
+    """A text_str_both pair: both options of the clean prompt replaced by two other words, tokens
+    aligned (equal length, differences only at the recorded positions)."""
+    swap = pair.metadata["str"]
+    assert pair.corruption == "text_str_both" and swap["form"] == "both"
+    assert swap["replaced"] == [pair.correct, pair.incorrect]
+    new = swap["replacement"]
+    assert len(set(new)) == 2 and not set(new) & {pair.correct, pair.incorrect}
+    expected = pair.clean_prompt
+    for old, word in zip(swap["replaced"], new):
+        expected = re.sub(rf"(?<![\w-]){re.escape(old)}(?![\w-])", word, expected, count=1)
+    assert pair.corrupt_prompt == expected
+    clean, corrupt = tokenizer(pair.clean_prompt)["input_ids"], tokenizer(pair.corrupt_prompt)["input_ids"]
+    assert len(clean) == len(corrupt)
+    assert {i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b} <= set(swap["positions"])
+    assert isinstance(swap["rejected"], int)
+
+
+def paper_str_pairs(task: str, data: Path, out: Path, tokenizer, seed: int = 0) -> list:
+    """The text_str_both pairs of a task's fixture, each checked by `assert_both_options_swapped`."""
+    from notice.pairs import read_pairs
+    from notice.tasks import build_pairs
+
+    build_pairs(task, out, tokenizer, data=data, seed=seed, corruptions=["image_smp", "text_str_both"])
+    pairs = [p for p in read_pairs(out) if p.corruption == "text_str_both"]
+    assert pairs
+    for pair in pairs:
+        assert_both_options_swapped(pair, tokenizer)
+    return pairs
 
 
 def yes_no_answers_about_colour(adapter, images: int = 40) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import dataset_fixtures
 import helpers
 from notice.cli import app
-from notice.corrupt.text import load_tokenizer
+from notice.models import load_tokenizer
 from notice.pairs import read_pairs, write_pairs
 from notice.store import ResultStore
 from notice.tasks import build_pairs
@@ -37,6 +37,7 @@ CONFIGS = {  # run configs, each wrong in one way (out is read from the config's
     "task-unknown": "tasks: [vqa-v2]\nout: run-out\n",
     "section-not-mapping": GOOD_CONFIG + "select: 3\n",
     "out-is-file": "tasks: [easyvqa-color]\nout: ../file.txt\n",
+    "rule-unknown": GOOD_CONFIG + "report: {rule: [default, paper]}\n",
     "good": GOOD_CONFIG,
 }
 LONG_QUESTION = "is the shape " + "very " * 30 + "red or blue?"
@@ -112,11 +113,15 @@ ROWS = [
     (["run", "{w}/configs/section-not-mapping.yaml"], "select must be a mapping"),
     (["run", "{w}/configs/out-is-file.yaml"], "file.txt is a file"),
     (["run", "{w}/configs/no-such.yaml"], "config not found"),
+    (["run", "{w}/configs/rule-unknown.yaml"], "report.rule has unknown head-selection rule(s) paper"),
     # report
     (["report", "{w}/results", "--out", "{w}/report", "--min-conditions", "5"], "min_conditions 5 is not within the 1 condition(s)"),
     (["report", "{w}/results", "--out", "{w}/report", "--top-k", "0"], "--top-k must be at least 1"),
     (["report", "{w}/no-results", "--out", "{w}/report"], "no-results: folder not found"),
     (["report", "{w}/results", "--out", "{w}/report", "--pairs", "{w}/nope.parquet"], "nope.parquet: file not found"),
+    (["report", "{w}/results", "--out", "{w}/report", "--rule", "default,paper"], "--rule has unknown head-selection"),
+    (["report", "{w}/results", "--out", "{w}/report", "--rule", "notice"], "notice reads where each answer word sits"),
+    (["pairs", "easyvqa-color", "--out", "{w}/p.parquet", "--str-form", "two"], "--str-form: unknown STR form 'two'"),
     # prompts longer than the model reads (the embedded BLIP reads 32 positions)
     (["pairs", "facial-expressions", "--data", "{w}/fer", "--out", "{w}/fer.parquet"], "more than the 32"),
     (["ask", "{w}/image.png", LONG_QUESTION], "more than the 32"),

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import dataset_fixtures
+import helpers
 from notice.cli import app
 from notice.models import EMBEDDED
 from notice.pairs import read_pairs
@@ -85,3 +86,23 @@ def test_default_model_keeps_most_easy_vqa_colour_pairs(tmp_path):
     report = json.loads(selection_report_path(tmp_path / "s.parquet").read_text())
     smp = report["by_corruption"]["image_smp"]
     assert smp["kept"] >= 0.8 * smp["input"]  # a colour-trained model answers and flips on exact recolouring
+
+
+def test_paper_str_form_swaps_both_options_and_selection_counts_it_apart(tmp_path, tiny_blip_dir, tiny_blip):
+    out = tmp_path / "pairs.parquet"
+    made = runner.invoke(app, ["pairs", "easyvqa-color", "--str-form", "both", "--corruptions", "image_smp,text_str",
+                               "--out", str(out), "--model", str(tiny_blip_dir), "--limit", "3"])
+    assert made.exit_code == 0, made.output
+    pairs = read_pairs(out)
+    both = [p for p in pairs if p.corruption == "text_str_both"]
+    assert both and {p.corruption for p in pairs} == {"image_smp", "text_str_both"}
+    for pair in both:
+        helpers.assert_both_options_swapped(pair, tiny_blip.tokenizer)
+    chosen = runner.invoke(app, ["select", str(out), "--model", str(tiny_blip_dir), "--out",
+                                 str(tmp_path / "selected.parquet"), "--no-balance"], env={"COLUMNS": "200"})
+    assert "text_str_both" in chosen.output  # its own row of the selection table
+    counts = select_pairs(tiny_blip, pairs, balance=False).as_dict()["by_corruption"]
+    assert counts["text_str_both"]["input"] == len(both) and counts["image_smp"]["input"] == len(pairs) - len(both)
+    refused = runner.invoke(app, ["pairs", "easyvqa-color", "--str-form", "two", "--out", str(tmp_path / "x.parquet"),
+                                  "--model", str(tiny_blip_dir)])
+    assert refused.exit_code == 2 and "--str-form: unknown STR form 'two'; use one of one, both" in refused.output

@@ -59,37 +59,20 @@ def test_model_card_numbers_are_reproduced_by_evaluate():
 
 
 def test_color_pair_patching_at_the_answer_token_is_exact(default_llava):
-    """On the trained model too, the KV-prefix path equals the plain hook way, to 1e-4."""
-    from notice.models.base import PatchBatch
+    """On the trained model too, the key/value-prefix path equals one full forward per cell, to 1e-4."""
+    from notice.pairs import Pair
+    from notice.patching.engine import patch_pair
+    from notice.patching.naive import naive_patch_pair
 
     labels = easy_vqa.image_labels("test")
     ordered = [labels[i] for i in sorted(labels)]
-    clean_label = ordered[0]
-    corrupt_label = next(l for l in ordered if l.color != clean_label.color and l.shape == clean_label.shape)
+    clean = ordered[0]
+    corrupt = next(l for l in ordered if l.color != clean.color and l.shape == clean.shape)
     question = "what color is the shape?"
-    clean, corrupt = default_llava.runs_for(load_image(clean_label.path), load_image(corrupt_label.path),
-                                            question, question)
-    receiving, source = default_llava.trace(corrupt), default_llava.trace(clean)
-    last = receiving.num_positions["lm"] - 1
-    full = PatchBatch("lm", 0, "layer", torch.arange(last + 1)[None])
-    torch.testing.assert_close(default_llava.patched_logits(receiving, source, full)[0], source.logits,
+    pair = Pair("color", "easyvqa-color", "image_smp", str(clean.path), str(corrupt.path), question, question,
+                clean.color, corrupt.color)
+    sites = ["lm.*.self_attn.head*@answer", "lm.0.layer@all"]
+    fast, slow = patch_pair(default_llava, pair, sites), naive_patch_pair(default_llava, pair, sites)
+    torch.testing.assert_close(torch.tensor(fast["ld"].to_numpy()), torch.tensor(slow["ld"].to_numpy()),
                                atol=1e-4, rtol=1e-4)
-    heads = default_llava.streams["lm"].heads
-    d = default_llava.streams["lm"].head_dim
-    columns = torch.eye(heads, dtype=torch.bool).repeat_interleave(d, dim=1)
-    fast = default_llava.patched_logits(receiving, source, PatchBatch("lm", 1, "self_attn.z",
-                                                                      torch.full((heads, 1), last), columns))
-    module = default_llava._lm.layers[1].self_attn.o_proj
-    kept = {}
-    handle = module.register_forward_pre_hook(lambda m, args: kept.__setitem__("z", args[0].clone()))
-    default_llava.run_logits(clean)
-    handle.remove()
-    for h in range(heads):
-        def patch(m, args, h=h):
-            z = args[0].clone()
-            z[:, last, h * d:(h + 1) * d] = kept["z"][:, last, h * d:(h + 1) * d]
-            return (z,)
-        handle = module.register_forward_pre_hook(patch)
-        plain = default_llava.run_logits(corrupt)[0]
-        handle.remove()
-        torch.testing.assert_close(fast[h], plain, atol=1e-4, rtol=1e-4)
+    assert fast.loc[fast["site"] == "lm.0.layer@all", "normalized_effect"].item() == pytest.approx(1.0, abs=1e-4)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pandas as pd
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -19,10 +22,12 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED["easyvqa-blip"] / "model.safetenso
 def run_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     config = {"model": "easyvqa-blip", "out": str(folder / "run"), "title": "small run", "seed": 0,
-              "tasks": [{"task": "easyvqa-color", "split": "test", "limit": 24, "corruptions": ["image_smp"]},
+              "tasks": [{"task": "easyvqa-color", "split": "test", "limit": 24,
+                         "corruptions": ["image_smp", "text_str_both"]},
                         {"task": "easyvqa-shape", "split": "test", "limit": 40, "corruptions": ["image_smp"]}],
               "select": {"max_per_cell": 1},
-              "patch": {"sites": ["text.*.layer", "text.*.mlp", "text.*.cross_attn.head*"]}}
+              "patch": {"sites": ["text.*.layer", "text.*.mlp", "text.*.cross_attn.head*"]},
+              "report": {"rule": ["default", "notice"]}}
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["run", str(path)])
@@ -38,8 +43,13 @@ def test_run_writes_pairs_selection_results_and_report(run_folder):
     assert set(table["pair_id"]) == {p.id for p in selected}
     assert set(table["component"]) == {"layer", "mlp", "cross_attn"}
     page = (run / "report" / "index.html").read_text()
-    for expected in ("easyvqa-color/image", "easyvqa-shape/image", "Universal heads", "What the heads do"):
+    for expected in ("easyvqa-color/image", "easyvqa-shape/image", "Universal heads", "What the heads do",
+                     "Head-selection rules (default, notice)", "Rules side by side"):
         assert expected in page
+    # the paper's STR form is a corruption of its own, from selection to the report
+    counts = json.loads((run / "selected" / "easyvqa-color.selection.json").read_text())["by_corruption"]
+    assert counts["text_str_both"]["input"] > 0 and "text_str" not in counts
+    assert set(table["corruption"]) <= {"image_smp", "text_str_both"}
 
 
 def test_rerun_resumes_and_redoes_only_what_is_missing(run_folder):
@@ -59,6 +69,30 @@ def test_report_verb_rebuilds_the_report_from_a_run_folder(run_folder, tmp_path)
     result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
     assert "What the heads do" in (tmp_path / "again" / "index.html").read_text()
+
+
+def test_report_verb_lists_heads_by_the_paper_rule_with_scored_and_unscored_counts(run_folder, tmp_path):
+    run, _ = run_folder
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "rules"), "--rule", "notice",
+                                      "--rule", "notice-code"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "rules" / "index.html").read_text()
+    for expected in ("Universal heads by rule notice (", "Important heads by rule notice-code", "Pairs scored"):
+        assert expected in page
+    table = load_results(run / "results")
+    coverage = pd.read_csv(tmp_path / "rules" / "tables" / "pairs-notice.csv", keep_default_na=False)
+    assert set(coverage["pair_id"]) == set(table["pair_id"]) and (coverage["reason"] == "").all()
+    code = pd.read_csv(tmp_path / "rules" / "tables" / "pairs-notice-code.csv").set_index("pair_id")
+    assert (code.loc[coverage["pair_id"], "position"].to_numpy() == coverage["position"].to_numpy() - 1).all()
+
+
+def test_report_rule_needs_the_pairs_and_a_known_name(run_folder, tmp_path):
+    run, _ = run_folder
+    bare = CliRunner().invoke(app, ["report", str(run / "results"), "--out", str(tmp_path / "a"), "--rule", "notice"])
+    assert bare.exit_code == 2 and "pass --pairs" in bare.output and "Traceback" not in bare.output
+    wrong = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "b"), "--rule", "paper"])
+    assert wrong.exit_code == 2 and "unknown head-selection rule(s) paper" in wrong.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("family", ["blip", "llava"])

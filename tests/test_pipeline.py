@@ -34,6 +34,7 @@ def test_shipped_configs_load(tmp_path):
     ("tasks: [{task: easyvqa-color, corruptions: [blur]}]\nout: x\n", "unknown corruption\\(s\\) blur"),
     ("tasks: [easyvqa-color]\n", "out: FOLDER"),
     ("tasks: [easyvqa-color\n", "not valid YAML"),
+    ("tasks: [easyvqa-color]\nout: x\nreport: {rule: [default, paper]}\n", "report.rule has unknown head-selection rule\\(s\\) paper"),
 ])
 def test_bad_configs_name_the_problem(tmp_path, text, message):
     path = tmp_path / "run.yaml"
@@ -41,3 +42,13 @@ def test_bad_configs_name_the_problem(tmp_path, text, message):
     with pytest.raises(NoticeError, match=message) as info:
         load_config(path)
     assert "\n" not in str(info.value)
+
+
+def test_report_rules_take_one_name_or_a_list(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks: [easyvqa-color]\nout: x\nreport: {rule: notice}\n")
+    assert load_config(path).rule == ("notice",)
+    path.write_text("tasks: [easyvqa-color]\nout: x\nreport: {rule: [notice-code, default]}\n")
+    assert load_config(path).rule == ("default", "notice-code")
+    path.write_text("tasks: [easyvqa-color]\nout: x\n")
+    assert load_config(path).rule == ("default",)

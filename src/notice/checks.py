@@ -92,6 +92,13 @@ def names(choices: Sequence[str] | None = None, what: str = "name", comma_text: 
     return check
 
 
+def head_rules(name: str, value: Any) -> list[str]:
+    """Head-selection rules of the report: one name, a comma-separated text or a list of names."""
+    from notice.analysis.paper_rule import check_rules
+
+    return check_rules([value] if isinstance(value, str) else value, name)
+
+
 def site_patterns(name: str, value: Any) -> list[str]:
     """Site patterns (syntax only: the model's streams are checked once it is loaded)."""
     from notice.patching.sites import check_pattern

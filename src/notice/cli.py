@@ -17,7 +17,7 @@ from notice import __version__
 from notice import checks as check
 from notice.errors import NoticeError
 from notice.models import DEFAULT_MODEL
-from notice.pairs import CORRUPTIONS
+from notice.pairs import CORRUPTIONS, DEFAULT_CORRUPTIONS, STR_FORMS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find where and how vision-language models combine image and text (NOTICE).")
@@ -48,7 +48,7 @@ def _boundary(interrupted: Callable[[], str] = lambda: "nothing was written") ->
         _fail(error)
     except KeyboardInterrupt:
         err_console.print(f"interrupted: {interrupted()}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=130)
+        raise typer.Exit(code=130) from None
 
 
 def _show_version(value: bool) -> None:
@@ -196,20 +196,24 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
           split: Optional[str] = typer.Option(None, help="easy-VQA: train or test (default test); "
                                                          "facial expressions: the images/ subfolder (default train)."),
           model: str = ModelOption,
-          corruptions: str = typer.Option(",".join(CORRUPTIONS), help="Comma-separated corruptions to make."),
+          corruptions: str = typer.Option(",".join(DEFAULT_CORRUPTIONS), help="Comma-separated corruptions to make "
+                                                                             "(text_str_both too)."),
+          str_form: str = typer.Option("one", "--str-form", help="What text_str makes: one (the right option "
+                                                                 "swapped) or both (both options swapped, the "
+                                                                 "paper's form, as text_str_both)."),
           limit: Optional[int] = typer.Option(None, help="Use at most N source items (images, CSV rows or "
                                                          "image matches)."),
           seed: int = typer.Option(0, help="Seed of every random choice (partners, option order, STR, noise)."),
           skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count bad rows, images and folders "
                                                                   "instead of stopping.")) -> None:
     """Make clean/corrupt pairs of a task: SMP images, STR prompts and Gaussian-noise baselines."""
-    from notice.corrupt.text import load_tokenizer
-    from notice.models import prompt_budget
+    from notice.models import load_tokenizer, prompt_budget
     from notice.tasks import TASKS, build_pairs
 
     with _boundary():
         check.check_all([("TASK", task, check.one_of(TASKS, "task")), ("--out", out, check.output_file),
                          ("--corruptions", corruptions, check.names(CORRUPTIONS, "corruption", comma_text=True)),
+                         ("--str-form", str_form, check.one_of(tuple(STR_FORMS), "STR form")),
                          ("--limit", limit, check.whole(1, optional=True))]
                         + ([("--data", data, check.existing_folder)] if data is not None else []))
         tokenizer = load_tokenizer(model)  # STR and text-noise positions follow the model's own tokenizer
@@ -217,7 +221,7 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
         with _progress() as progress:
             report = build_pairs(task, out, tokenizer, data=data, split=split, seed=seed,
                                  corruptions=corruptions.split(","), limit=limit, skip_bad=skip_bad,
-                                 progress=progress, budget=budget)
+                                 progress=progress, budget=budget, str_form=str_form)
     table = Table("corruption", "pairs", title=task)
     for kind, count in report.pairs.items():
         table.add_row(kind, str(count))
@@ -225,9 +229,10 @@ def pairs(task: str = typer.Argument(..., help="svo-probes, mit-states, facial-e
     console.print(f"wrote {sum(report.pairs.values())} pairs to {out}", highlight=False, soft_wrap=True)
     for reason, count in sorted(report.skipped.items()):
         console.print(f"skipped {count}: {reason}", highlight=False)
-    if report.str_rejected_candidates:
-        console.print(f"STR rejected {report.str_rejected_candidates} contrast word(s) whose tokens did not "
-                      "align with the clean prompt", highlight=False)
+    for kind, count in sorted(report.str_rejected.items()):
+        if count:
+            console.print(f"{kind} rejected {count} contrast word draw(s) whose tokens did not align with the "
+                          "clean prompt", highlight=False)
 
 
 @app.command()
@@ -352,25 +357,51 @@ def run(config: Path = typer.Argument(..., help="Run config (YAML): model, tasks
     console.print(f"report: {page}")
 
 
+@app.command("head-functions")
+def head_functions(pairs: Path = typer.Argument(..., help="Selected pairs file (Parquet): their clean inputs are measured."),
+                   out: Path = typer.Option(..., "--out", help="Folder of the head-function tables."),
+                   model: str = ModelOption, device: str = DeviceOption, dtype: str = DtypeOption,
+                   limit: Optional[int] = typer.Option(None, help="Only the first N pairs.")) -> None:
+    """What heads do: each head's attention to the image against the object masks, as tables for the report."""
+    from notice.analysis.head_functions import write_head_functions
+    from notice.models import load_model
+    from notice.pairs import read_pairs
+
+    with _boundary():
+        check.check_all([("PAIRS", pairs, check.existing_file), ("--out", out, check.output_folder),
+                         ("--device", device, check.device), ("--dtype", dtype, check.dtype),
+                         ("--limit", limit, check.whole(1, optional=True))])
+        records = read_pairs(pairs)[:limit]
+        adapter = load_model(model, device=device, dtype=dtype)
+        check.prompts_fit(adapter, [p.clean_prompt for p in records], "drop those pairs")
+        folder = write_head_functions(adapter, records, out)
+    console.print(f"head functions of {len(records)} clean inputs in {folder}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def report(results: Path = typer.Argument(..., help="A run folder of `notice run`/`demo`, or a `notice patch` output."),
            out: Path = typer.Option(..., help="Folder of the HTML report."),
-           model: Optional[str] = typer.Option(None, "--model", "-m",
-                                               help="Model for head-function figures (default: the one patched)."),
-           pairs: Optional[list[Path]] = typer.Option(None, help="Selected pairs files (images and masks)."),
+           pairs: Optional[list[Path]] = typer.Option(None, help="Selected pairs files (images for the overlays)."),
+           head_functions: Optional[Path] = typer.Option(None, "--head-functions",
+                                                         help="Folder written by `notice head-functions`."),
            title: str = typer.Option("notice report", help="Report title."),
            min_conditions: Optional[int] = typer.Option(None, help="Universal: important in at least k conditions."),
-           top_k: int = typer.Option(10, help="Heads listed per condition.")) -> None:
-    """Heatmaps, ranked and universal heads, head functions: a static HTML report."""
+           top_k: int = typer.Option(10, help="Heads listed per condition."),
+           rule: Optional[list[str]] = typer.Option(None, "--rule", help="Head-selection rule: default, notice (the "
+                                                                         "paper's) or notice-code (the research "
+                                                                         "code's position); several side by side, "
+                                                                         "e.g. --rule default,notice.")) -> None:
+    """Heatmaps, ranked and universal heads, head functions: a static HTML report (reads tables only)."""
     from notice.report.build import report_from_folder
 
     with _boundary():
         check.check_all([("RESULTS", results, check.existing_folder), ("--out", out, check.output_folder),
                          ("--min-conditions", min_conditions, check.whole(1, optional=True)),
-                         ("--top-k", top_k, check.whole(1))]
-                        + [("--pairs", path, check.existing_file) for path in pairs or []])
-        page = report_from_folder(results, out, model=model, pairs_files=pairs or [], title=title,
-                                  min_conditions=min_conditions, top_k=top_k)
+                         ("--top-k", top_k, check.whole(1)), ("--rule", rule or ["default"], check.head_rules)]
+                        + [("--pairs", path, check.existing_file) for path in pairs or []]
+                        + ([("--head-functions", head_functions, check.existing_folder)] if head_functions else []))
+        page = report_from_folder(results, out, pairs_files=pairs or [], head_functions=head_functions, title=title,
+                                  min_conditions=min_conditions, top_k=top_k, rules=rule or ["default"])
     console.print(f"report: {page}")
 
 

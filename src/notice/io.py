@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from notice.errors import NoticeError
@@ -86,3 +87,17 @@ def staged_folder(target: str | Path) -> Iterator[Path]:
                     os.replace(path, final)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_mask(alpha: np.ndarray, path: str | Path) -> Path:
+    """Write a coverage map as an 8-bit greyscale PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(np.rint(alpha * 255), 0, 255).astype(np.uint8), mode="L").save(path)
+    return path
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A mask PNG as coverage in [0, 1], [H, W] float."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"), dtype=np.float64) / 255.0

@@ -49,6 +49,7 @@ class RunConfig:
     max_memory: str = "8GB"
     min_conditions: int | None = None
     top_k: int = 10
+    rule: tuple[str, ...] = ("default",)  # head-selection rules of the report (notice.analysis.paper_rule)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,7 +65,8 @@ def _checks() -> tuple[dict[str, Check], dict[str, dict[str, Check]], dict[str, 
                            "balance": check.flag},
                 "patch": {"sites": check.site_patterns, "direction": check.one_of(DIRECTIONS, "direction"),
                           "max_memory": check.memory},
-                "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1)}}
+                "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1),
+                           "rule": check.head_rules}}
     task = {"task": check.one_of(TASKS, "task"), "data": check.text(optional=True), "split": check.text(optional=True),
             "corruptions": check.names(CORRUPTIONS, "corruption"), "limit": check.whole(1, optional=True),
             "max_per_cell": check.whole(1, optional=True)}
@@ -108,8 +110,9 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
     flat: dict[str, Any] = {k: top[k] for k in ("model", "title", "seed", "device", "dtype") if k in top}
     for section, keys in section_checks.items():
         flat.update(_checked(top.get(section) or {}, keys, section, source))
-    if "sites" in flat:
-        flat["sites"] = tuple(flat["sites"])
+    for key in ("sites", "rule"):
+        if key in flat:
+            flat[key] = tuple(flat[key])
     tasks = top.get("tasks")
     if not tasks:
         raise NoticeError(f"{source}: list at least one entry under tasks (e.g. - task: easyvqa-color)")
@@ -158,7 +161,7 @@ def run_pipeline(config: RunConfig, console) -> Path:
 
     results = run_steps(config, console)
     return make_report([results], config.out / "report", config.title, min_conditions=config.min_conditions,
-                       top_k=config.top_k, seed=config.seed)
+                       top_k=config.top_k, seed=config.seed, rules=config.rule)
 
 
 def run_demo(out: str | Path, console) -> Path:
@@ -176,19 +179,22 @@ def run_steps(config: RunConfig, console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
+    from notice.analysis.head_functions import read_head_functions, write_head_functions
     from notice.io import no_new_empty_folders
     from notice.models import load_model
     from notice.pairs import read_pairs
+    from notice.patching.engine import example_run
     from notice.patching.sites import check_patterns
-    from notice.report.build import ModelResults, selection_row
-    from notice.select import selection_report_path
+    from notice.report.build import ModelResults
+    from notice.select import selection_report_path, selection_row
     from notice.store import load_results
 
+    out = config.out
     adapter = load_model(config.model, device=config.device, dtype=config.dtype)
-    check_patterns(config.sites, adapter.streams, adapter.num_positions("what is in the image?"))
+    check_patterns(config.sites, adapter.streams, adapter.num_positions(example_run(adapter)))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    with no_new_empty_folders(config.out), Progress(*columns, console=console) as progress:
+    with no_new_empty_folders(out), Progress(*columns, console=console) as progress:
         selected_files = select_steps(config, adapter, progress)
         selection_reports = {path.stem: selection_row(json.loads(selection_report_path(path).read_text()))
                              for path in selected_files}
@@ -196,7 +202,11 @@ def run_steps(config: RunConfig, console):
         console.print(f"{config.model}: selected {len(selected)} pairs ("
                       + ", ".join(f"{task} {s['kept']}" for task, s in selection_reports.items()) + ")")
         results = patch_all(adapter, selected, config, progress, selected_files)
-    return ModelResults(config.model, load_results(results), adapter, selected, selection_reports)
+    functions = read_head_functions(out / "head_functions")
+    if functions is None:
+        console.print(f"{config.model}: head functions on {len(selected)} clean inputs")
+        functions = read_head_functions(write_head_functions(adapter, selected, out / "head_functions"))
+    return ModelResults(config.model, load_results(results), functions, selected, selection_reports)
 
 
 def select_steps(config: RunConfig, adapter, progress=None) -> list[Path]:
@@ -242,7 +252,7 @@ def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence
     sites = list(config.sites)
     bar = progress.add_task("patching: cells", total=sum(count_cells(adapter, pairs, sites)))
     patch_pairs(adapter, pairs, sites, folder, direction=config.direction, max_memory=config.max_memory,
-                progress=lambda cells, skipped=False: progress.update(bar, advance=cells), model_name=config.model,
+                progress=lambda cells, skipped: progress.update(bar, advance=cells), model_name=config.model,
                 dtype=config.dtype,
                 provenance={"seed": config.seed, "pairs": [file_record(path) for path in pairs_files]})
     return folder

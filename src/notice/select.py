@@ -44,6 +44,12 @@ class Selection:
                 "dropped": {f: sum(self.dropped[c][f] for c in corruptions) for f in FILTERS}}
 
 
+def selection_row(report: dict) -> dict:
+    """One row of counts from a selection report: pairs in, kept, and dropped by each filter."""
+    return {"input": report["input"], "kept": report["kept"],
+            **{f"dropped: {name}": count for name, count in report["dropped"].items()}}
+
+
 def selection_report_path(out: str | Path) -> Path:
     """Where the drop counts of a selection are stored: `<out stem>.selection.json` beside it."""
     out = Path(out)
@@ -71,8 +77,9 @@ class _Images:
 def pair_logits(adapter, pairs: Sequence[Pair], side: str, batch_size: int = 32, progress=None) -> torch.Tensor:
     """First answer-step logits [N, V] of each pair's clean or corrupt run.
 
-    The corrupt run of a noise pair is the clean input with seeded noise on its embeddings
-    (`notice.corrupt.noise.noise_logits`); every other corrupt run is an ordinary input."""
+    The corrupt run of a noise pair is the clean input with seeded noise on its embeddings, built
+    by the same call the patching engine uses (`patching.inputs`); every other corrupt run is an
+    ordinary input."""
     if side not in ("clean", "corrupt"):
         raise ValueError(f"side must be 'clean' or 'corrupt', not {side!r}")
     if side == "clean":  # pairs of one sample share their clean input: run it once
@@ -86,7 +93,7 @@ def pair_logits(adapter, pairs: Sequence[Pair], side: str, batch_size: int = 32,
 
 
 def _run(adapter, pairs: Sequence[Pair], side: str, batch_size: int, progress) -> torch.Tensor:
-    from notice.corrupt.noise import noise_logits
+    from notice.patching.inputs import noisy_run
 
     out: list[torch.Tensor | None] = [None] * len(pairs)
     noisy = [i for i, p in enumerate(pairs) if side == "corrupt" and p.corruption.endswith("_noise")]
@@ -105,10 +112,11 @@ def _run(adapter, pairs: Sequence[Pair], side: str, batch_size: int, progress) -
     for start in range(0, len(noisy), batch_size * 8):
         chunk = noisy[start:start + batch_size * 8]
         images = _Images()
-        logits = noise_logits(adapter, [pairs[i] for i in chunk], [images(pairs[i], "clean_image") for i in chunk],
-                              batch_size=batch_size)
-        for i, row in zip(chunk, logits):
-            out[i] = row
+        for index in adapter.batches_by_length([pairs[i].clean_prompt for i in chunk], batch_size):
+            members = [chunk[j] for j in index]
+            run = noisy_run(adapter, [pairs[i] for i in members], [images(pairs[i], "clean_image") for i in members])
+            for i, row in zip(members, adapter.run_logits(run)):
+                out[i] = row
         if task is not None:
             progress.advance(task, len(chunk))
     return torch.stack(out) if out else torch.empty(0)  # type: ignore[arg-type]
@@ -138,7 +146,7 @@ def select_pairs(adapter, pairs: Sequence[Pair], threshold: float = 0.0, seed: i
     if threshold < 0:
         raise NoticeError(f"--threshold must be 0 or more, not {threshold}")
     selection = Selection(kept=[], settings={"threshold": threshold, "seed": seed, "balance": balance,
-                                             "max_per_cell": max_per_cell, "model": getattr(adapter, "name", "")})
+                                             "max_per_cell": max_per_cell, "model": adapter.name})
     for pair in pairs:
         selection.total[pair.corruption] += 1
     unique, seen, seen_ids = [], set(), set()

@@ -7,7 +7,7 @@ import random
 import pytest
 
 import helpers
-from notice.corrupt.text import differing_positions, replace_word, token_positions, word_span
+from notice.corrupt.text import differing_positions, replace_word, replace_words, token_positions, word_span
 from notice.errors import NoticeError
 
 WORDS = ["red", "blue", "teal", "circle", "rectangle", "man", "woman", "riding", "sitting", "sliced",
@@ -74,3 +74,41 @@ def test_answer_word_absent_from_prompt_is_a_one_line_error():
         word_span("is the shape red or blue?", "purple")
     assert "\n" not in str(info.value)
     assert word_span("is the reddish shape red?", "red") == (21, 24)  # whole words only, not "reddish"
+
+
+def test_both_options_are_swapped_for_different_words_at_equal_length(tokenizer):
+    """Property test of the paper's form: every option swapped, tokens aligned, nothing else changed."""
+    rng = random.Random(4321)
+    accepted = 0
+    for _ in range(150):
+        a, b = rng.sample(WORDS, 2)
+        prompt = f"is the {rng.choice(FILLER)} {a} or {b}?"
+        spans = [word_span(prompt, a), word_span(prompt, b)]
+        pools = [rng.sample(WORDS, 6), rng.sample(WORDS, 6)]
+        swap, rejected = replace_words(tokenizer, prompt, spans, pools, random.Random(rng.random()))
+        assert rejected >= 0
+        if swap is None:
+            continue
+        accepted += 1
+        new_a, new_b = swap.replacement
+        assert swap.replaced == [a, b] and new_a != new_b and new_a != a and new_b != b
+        assert new_a in pools[0] and new_b in pools[1]
+        assert swap.prompt == prompt[:spans[0][0]] + new_a + prompt[spans[0][1]:spans[1][0]] + new_b + "?"
+        clean_ids, corrupt_ids = tokenizer(prompt)["input_ids"], tokenizer(swap.prompt)["input_ids"]
+        assert len(clean_ids) == len(corrupt_ids)
+        changed = {i for i, (x, y) in enumerate(zip(clean_ids, corrupt_ids)) if x != y}
+        assert changed and changed <= set(swap.positions)
+        assert swap.positions == sorted(set(token_positions(tokenizer, prompt, spans[0]))
+                                        | set(token_positions(tokenizer, prompt, spans[1])))
+    assert accepted > 50
+
+
+def test_one_shared_contrast_word_cannot_serve_both_options(tokenizer):
+    prompt = "is the shape red or blue?"
+    spans = [word_span(prompt, "red"), word_span(prompt, "blue")]
+    swap, _ = replace_words(tokenizer, prompt, spans, [["green"], ["green"]], random.Random(0))
+    assert swap is None
+    swap, rejected = replace_words(tokenizer, prompt, spans, [["teal", "green"], ["teal", "black"]], random.Random(0))
+    assert swap is not None and swap.replacement == ["green", "black"]  # teal = tea + ##l: another length
+    assert swap.prompt == "is the shape green or black?" and rejected <= 2
+    assert replace_words(tokenizer, prompt, spans, [["teal"], ["black"]], random.Random(0)) == (None, 1)

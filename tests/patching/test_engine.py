@@ -1,68 +1,22 @@
-"""The engine gives naive.py's numbers on every site kind, pair kind and direction; its checks bite."""
+"""The engine on BLIP beyond the contract suite: the embedded architecture and model, batch sizing,
+site errors, grouping, and sanity checks that bite."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 import helpers
-from notice.corrupt.noise import noise_spec
 from notice.errors import NoticeError
 from notice.models.blip import BlipAdapter
-from notice.pairs import Pair
 from notice.patching import engine
 from notice.patching.engine import SanityCheckError, patch_pair
 from notice.patching.naive import naive_patch_pair
 from notice.patching.sites import expand_sites
-
-METRICS = ["ld", "normalized_effect", "p_correct", "delta_p", "kl"]
-TOLERANCE = 1e-4  # fp32, absolute and relative
-
-
-def make_pairs(folder: Path, size: int) -> dict[str, Pair]:
-    """One pair of each corruption kind, with real image files."""
-    red, blue = folder / "red.png", folder / "blue.png"
-    helpers.shape_image(size, (255, 0, 0), "circle", box=(size // 4,) * 2 + (3 * size // 4,) * 2).save(red)
-    helpers.shape_image(size, (0, 0, 255), "triangle", box=(size // 8,) * 2 + (7 * size // 8,) * 2).save(blue)
-    question = "what color is the shape?"
-    return {
-        "image_smp": Pair("smp", "colors", "image_smp", str(red), str(blue), question, question, "red", "blue"),
-        "text_str": Pair("str", "colors", "text_str", str(red), str(red), "is the shape red?", "is the shape blue?",
-                         "yes", "no"),
-        "image_noise": Pair("inoise", "colors", "image_noise", str(red), str(red), question, question, "red", "blue",
-                            {"noise": noise_spec("vision", "all", seed=3)}),
-        "text_noise": Pair("tnoise", "colors", "text_noise", str(red), str(red), question, question, "red", "blue",
-                           {"noise": noise_spec("text", [4, 5], seed=4)}),
-    }
-
-
-def every_site_kind(adapter, prompt: str) -> list[str]:
-    """Each stream × component × (whole, first head, last head): at the first layer's first position,
-    at the last layer's last position, and at every position at once."""
-    positions = adapter.num_positions(prompt)
-    sites = []
-    for stream, facts in adapter.streams.items():
-        last_layer, last_position = facts.layers - 1, positions[stream] - 1
-        for component in facts.components:
-            heads = [""] + ([".head0", f".head{facts.heads - 1}"] if component.endswith("attn") else [])
-            for head in heads:
-                sites += [f"{stream}.0.{component}{head}@0", f"{stream}.{last_layer}.{component}{head}@{last_position}",
-                          f"{stream}.{last_layer // 2}.{component}{head}@all"]
-    return sites
-
-
-def assert_same_table(fast: pd.DataFrame, slow: pd.DataFrame) -> None:
-    assert list(fast.columns) == list(slow.columns)
-    assert fast["site"].tolist() == slow["site"].tolist()
-    plain = [c for c in fast.columns if c not in METRICS]
-    pd.testing.assert_frame_equal(fast[plain], slow[plain])
-    for metric in METRICS:
-        np.testing.assert_allclose(fast[metric], slow[metric], rtol=TOLERANCE, atol=TOLERANCE, err_msg=metric)
-
+from helpers import assert_same_table, every_site_kind, make_pairs
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -88,20 +42,9 @@ def easyvqa_pairs(tmp_path_factory):
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("corruption", ["image_smp", "text_str", "image_noise", "text_noise"])
-def test_engine_equals_naive_on_every_site_kind_tiny_blip(tiny, tiny_pairs, corruption, direction):
-    pair = tiny_pairs[corruption]
-    sites = every_site_kind(tiny, pair.clean_prompt)
-    fast = patch_pair(tiny, pair, sites, direction, batch_size=7)  # 7: batches that split groups unevenly
-    slow = naive_patch_pair(tiny, pair, sites, direction)
-    assert len(fast) == len(set(sites)) and fast["flags"].iloc[0] == ""  # the pair separates its answers
-    assert_same_table(fast, slow)
-
-
-@pytest.mark.parametrize("direction", ["denoise", "noise"])
-@pytest.mark.parametrize("corruption", ["image_smp", "text_str", "image_noise", "text_noise"])
 def test_engine_equals_naive_on_the_embedded_architecture(easyvqa_arch, easyvqa_pairs, corruption, direction):
     pair = easyvqa_pairs[corruption]
-    sites = every_site_kind(easyvqa_arch, pair.clean_prompt)
+    sites = every_site_kind(easyvqa_arch, pair)
     assert_same_table(patch_pair(easyvqa_arch, pair, sites, direction),
                       naive_patch_pair(easyvqa_arch, pair, sites, direction))
 
@@ -118,7 +61,7 @@ def test_whole_text_sweep_in_batches_equals_naive(tiny, tiny_pairs):
 def test_engine_equals_naive_on_the_embedded_model(default_blip, easyvqa_pairs):
     for corruption in ("image_smp", "text_str"):
         pair = easyvqa_pairs[corruption]
-        sites = every_site_kind(default_blip, pair.clean_prompt)
+        sites = every_site_kind(default_blip, pair)
         assert_same_table(patch_pair(default_blip, pair, sites), naive_patch_pair(default_blip, pair, sites))
 
 
@@ -135,10 +78,10 @@ def test_full_patches_restore_and_empty_patches_keep(tiny, tiny_pairs):
 def test_sanity_check_raises_when_the_patch_is_broken(tiny, tiny_pairs, monkeypatch):
     pair = tiny_pairs["image_smp"]
 
-    def ignores_the_source(receiving, source, batch):  # a patch that never takes the source's values
+    def ignores_the_source(receiving, source, batch, start=0, **context):  # never takes the source's values
         return receiving.acts[(batch.stream, batch.layer)]["layer"].expand(len(batch), -1, -1).clone()
 
-    monkeypatch.setattr(tiny, "_patched_layer", ignores_the_source)
+    monkeypatch.setattr(tiny, "patched_layer", ignores_the_source)
     with pytest.raises(SanityCheckError, match="should reproduce the clean run"):
         patch_pair(tiny, pair, ["text.*.mlp"])
     table = patch_pair(tiny, pair, ["text.*.mlp"], checks=False)  # unchecked, the broken numbers go through
@@ -147,14 +90,14 @@ def test_sanity_check_raises_when_the_patch_is_broken(tiny, tiny_pairs, monkeypa
 
 def test_sanity_check_raises_when_a_layer_is_skipped(tiny, tiny_pairs, monkeypatch):
     pair = tiny_pairs["text_str"]
-    run_stream = tiny._run_stream
+    run_stream = tiny._run
 
-    def skips_last_layer(stream, start, hidden, kv=None, memory=None):
+    def skips_last_layer(stream, start, hidden, memory):
         if stream == "text" and start == 1:
             return hidden  # forgets text layer 1
-        return run_stream(stream, start, hidden, kv=kv, memory=memory)
+        return run_stream(stream, start, hidden, memory)
 
-    monkeypatch.setattr(tiny, "_run_stream", skips_last_layer)
+    monkeypatch.setattr(tiny, "_run", skips_last_layer)
     with pytest.raises(SanityCheckError, match="patching nothing at text"):
         patch_pair(tiny, pair, ["text.0.mlp"], direction="noise")
 

@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 import helpers
+from notice.analysis.head_functions import read_head_functions, write_head_functions
+from notice.errors import NoticeError
 from notice.pairs import Pair
 from notice.report.build import ModelResults, make_report
 from results_fixtures import synthetic_table
@@ -33,15 +36,18 @@ def _pairs_with_masks(folder: Path, count: int = 2) -> list[Pair]:
 def report_dir(tmp_path_factory, tiny_blip):
     folder = tmp_path_factory.mktemp("report")
     table = synthetic_table({"color/image": [(1, 1)], "color/text": [(1, 1), (0, 2)]}, layers=2, heads=4)
-    pairs = _pairs_with_masks(folder)
-    make_report([ModelResults("tiny", table, tiny_blip, pairs, {"pairs.parquet": {"kept": 2, "dropped: clean_wrong": 3}})],
-                folder / "out", "test report")
+    table["p_correct"] = table["normalized_effect"]
+    pairs = _pairs_with_masks(folder)  # no answer-token records: the paper's rule lists every pair as unscored
+    functions = read_head_functions(write_head_functions(tiny_blip, pairs, folder / "head_functions"))
+    make_report([ModelResults("tiny", table, functions, pairs, {"pairs.parquet": {"kept": 2, "dropped: clean_wrong": 3}})],
+                folder / "out", "test report", rules=("default", "notice"))
     return folder / "out"
 
 
 def test_report_holds_heatmaps_rankings_universal_heads_and_overlays(report_dir):
     page = (report_dir / "index.html").read_text()
-    for heading in ("Tasks and selection", "color/image", "color/text", "Universal heads", "What the heads do"):
+    for heading in ("Tasks and selection", "color/image", "color/text", "Universal heads", "What the heads do",
+                    "Head-selection rules (default, notice)", "Rules side by side"):
         assert heading in page
     assert "L1H1" in page  # the planted head is universal across both conditions
     figures = {p.name for p in (report_dir / "figures").iterdir()}
@@ -86,3 +92,33 @@ def test_report_renders_in_headless_chromium_without_console_errors(report_dir, 
     assert expected_plots >= 4 and len(plots) >= expected_plots  # interactive heatmaps drawn by the bundled plotly
     assert images and all(width > 0 for width in loaded)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_paper_rule_section_lists_its_heads_beside_the_default_and_counts_unscored_pairs(tmp_path):
+    table = synthetic_table({"color/image": [(1, 1)], "color/text": [(1, 1), (0, 2)]}, layers=3, heads=4)
+    table["p_correct"] = table["normalized_effect"]  # planted heads sit at position 2, token "t2"
+    record = {"tokens": [f"t{i}" for i in range(5)], "question": [1, 4], "positions": [2], "first_piece": "t2",
+              "code_position": 1}
+    ids = sorted(set(table["pair_id"]) - {"color-text-0"})  # one pair from before the record existed
+    pairs = [Pair(i, "color", "image_smp", "a.png", "a.png", "q", "q", "t2", "t3", {"answer_tokens": record})
+             for i in ids]
+    make_report([ModelResults("tiny", table, None, pairs)], tmp_path / "out", "rules", rules=["notice", "default"])
+    page = (tmp_path / "out" / "index.html").read_text()
+    section = page[page.index("Head-selection rules (default, notice)"):]
+    assert "Rule notice: mean |p(correct)|" in section and "Rules side by side" in section
+    assert "no answer-token record in the pairs" in section and "color-text-0" in section
+    coverage = pd.read_csv(tmp_path / "out" / "tables" / "pairs-notice.csv")
+    assert coverage["reason"].notna().sum() == 1 and len(coverage) == 24
+    heads = pd.read_csv(tmp_path / "out" / "tables" / "heads-notice.csv")
+    chosen = heads[heads["important"]]
+    assert set(zip(chosen["condition"], chosen["layer"], chosen["head"])) == {
+        ("color/image", 1, 1), ("color/text", 1, 1), ("color/text", 0, 2)}
+
+
+def test_paper_rule_without_pairs_is_refused_before_anything_is_written(tmp_path):
+    table = synthetic_table({"color/image": [(1, 1)]}, layers=2, heads=4)
+    with pytest.raises(NoticeError, match="--rule notice reads where each answer word sits from the pairs"):
+        make_report([ModelResults("tiny", table)], tmp_path / "out", "rules", rules=["notice"])
+    with pytest.raises(NoticeError, match="unknown head-selection rule"):
+        make_report([ModelResults("tiny", table)], tmp_path / "out", "rules", rules=["best"])
+    assert not (tmp_path / "out").exists()

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from notice.corrupt.image import load_mask
+import helpers
+from notice.errors import NoticeError
+from notice.io import load_mask
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
-from notice.tasks.easy_vqa import pixel_color
+from notice.tasks.easy_vqa import COLORS, pixel_color
 
 
 def _pixels(path: str) -> np.ndarray:
@@ -67,11 +69,8 @@ def test_every_corruption_shares_the_clean_input_of_its_sample(tmp_path, bert_to
         by_sample.setdefault(pair.metadata["sample"], []).append(pair)
     assert len(by_sample) == 6
     for pairs in by_sample.values():
+        assert len({(p.clean_image, p.clean_prompt, p.correct, p.incorrect) for p in pairs}) == 1
         kinds = {p.corruption: p for p in pairs}
-        two_way = [p for p in pairs if p.corruption != "text_str_yesno"]  # yes/no asks its own question
-        assert len({(p.clean_image, p.clean_prompt, p.correct, p.incorrect) for p in two_way}) == 1
-        if "text_str_yesno" in kinds:  # made where a colour word of the same token length exists
-            assert kinds["text_str_yesno"].clean_image == two_way[0].clean_image
         assert {"image_smp", "image_noise", "text_noise"} <= set(kinds)
         assert kinds["image_noise"].metadata["noise"]["positions"] == "object"
         text = kinds["text_noise"].metadata["noise"]
@@ -111,6 +110,39 @@ def test_data_folder_in_the_package_layout(tmp_path, bert_tokenizer):
     assert not list(Path(tmp_path).glob(".*part*"))
 
 
+def test_paper_str_form_swaps_both_colour_options_and_counts_what_it_cannot(tmp_path, bert_tokenizer):
+    report = build_pairs("easyvqa-color", tmp_path / "color.parquet", bert_tokenizer, limit=4, seed=0,
+                         corruptions=["image_smp", "text_str"], str_form="both")
+    pairs = read_pairs(tmp_path / "color.parquet")
+    both = [p for p in pairs if p.corruption == "text_str_both"]
+    skipped = report.skipped["text_str_both: no two different contrast words of the options' token lengths"]
+    assert both and len(both) == report.pairs["text_str_both"] and len(both) + skipped == 8
+    assert "text_str" not in report.pairs and report.str_rejected["text_str_both"] > 0  # "teal" is tea + ##l
+    for pair in both:
+        helpers.assert_both_options_swapped(pair, bert_tokenizer)
+        assert set(pair.metadata["str"]["replacement"]) <= set(COLORS)
+    # easy-VQA has three shapes: no two words are left for both options, and each sample says so
+    shapes = build_pairs("easyvqa-shape", tmp_path / "shape.parquet", bert_tokenizer, limit=3, seed=0,
+                         corruptions=["image_smp", "text_str_both"])
+    made = shapes.pairs["image_smp"]
+    assert shapes.skipped["text_str_both: no two different contrast words of the options' token lengths"] == made
+    with pytest.raises(NoticeError, match="unknown STR form 'three'"):
+        build_pairs("easyvqa-color", tmp_path / "x.parquet", bert_tokenizer, limit=1, str_form="three")
+
+
+def test_pairs_record_where_the_answer_word_sits_among_the_question_tokens(tmp_path, bert_tokenizer):
+    build_pairs("easyvqa-color", tmp_path / "color.parquet", bert_tokenizer, limit=3, seed=0)
+    for pair in read_pairs(tmp_path / "color.parquet"):
+        record = pair.metadata["answer_tokens"]
+        assert record["tokens"] == bert_tokenizer.convert_ids_to_tokens(bert_tokenizer(pair.clean_prompt)["input_ids"])
+        assert record["question"] == [1, len(record["tokens"]) - 1]  # [CLS] ... [SEP]
+        pieces = [record["tokens"][i] for i in record["positions"]]
+        assert "".join(pieces).replace("##", "") == pair.correct  # "teal" is tea + ##l
+        assert pieces[0] == record["first_piece"]
+        # the research code reads one position before the word: its index skips [CLS]
+        assert record["code_position"] == record["positions"][0] - 1
+
+
 @pytest.mark.parametrize("task, attribute, form", [("easyvqa-color", "color", "is {} {} shape present?"),
                                                    ("easyvqa-shape", "shape", "is {} {} present?")])
 def test_yes_no_str_asks_about_the_shown_value_and_swaps_only_that_word(tmp_path, bert_tokenizer, task, attribute,
@@ -142,11 +174,11 @@ def test_yes_no_str_asks_about_the_shown_value_and_swaps_only_that_word(tmp_path
     assert len({len(bert_tokenizer(p.clean_prompt)["input_ids"]) for p in pairs}) == 1
 
 
-def test_yes_no_str_is_counted_as_skipped_for_a_task_without_the_form():
+def test_yes_no_str_is_counted_as_skipped_for_a_task_without_the_form(bert_tokenizer):
     from notice.tasks.common import BuildReport, Sample, derive_pairs
 
     sample = Sample(id="s", task="toy", clean_image="a.png", corrupt_image="b.png", prompt="is it red or blue?",
                     correct="red", incorrect="blue", category="red", str_candidates=["red", "blue", "green"])
     report = BuildReport()
-    assert derive_pairs(sample, None, ["text_str_yesno"], 0, report) == []
+    assert derive_pairs(sample, bert_tokenizer, ["text_str_yesno"], 0, report) == []
     assert report.skipped == {"text_str_yesno: the task has no yes/no question form": 1}

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 import dataset_fixtures
+import helpers
 from notice.errors import NoticeError
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
-from notice.tasks.facial_expressions import EMOTION_ADJECTIVE, SENTIMENT, STR_WORDS
+from notice.tasks.facial_expressions import EMOTION_ADJECTIVE, SENTIMENT, STR_WORDS, near_synonyms, opposite_words
 
 
 def test_partners_have_the_opposite_sentiment(tmp_path, bert_tokenizer):
@@ -42,3 +43,11 @@ def test_missing_split_folder_and_empty_emotion_folder(tmp_path, bert_tokenizer)
     report = build_pairs("facial-expressions", tmp_path / "p.parquet", bert_tokenizer, data=data, skip_bad=True,
                          corruptions=["image_smp"])
     assert report.skipped["empty class folder"] == 1 and report.pairs["image_smp"] == 4
+
+
+def test_paper_str_form_gives_each_option_a_word_of_its_opposite_sentiment(tmp_path, bert_tokenizer):
+    data = dataset_fixtures.facial_expressions(tmp_path / "fer")
+    for pair in helpers.paper_str_pairs("facial-expressions", data, tmp_path / "p.parquet", bert_tokenizer):
+        banned = near_synonyms(pair.correct) | near_synonyms(pair.incorrect)
+        for option, word in zip((pair.correct, pair.incorrect), pair.metadata["str"]["replacement"]):
+            assert word in opposite_words(option) and word not in banned

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import dataset_fixtures
+import helpers
 from notice.errors import NoticeError
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
@@ -60,3 +61,10 @@ def test_unreadable_image_is_named(tmp_path, bert_tokenizer):
         build_pairs("mit-states", tmp_path / "p.parquet", bert_tokenizer, data=data)
     report = build_pairs("mit-states", tmp_path / "p.parquet", bert_tokenizer, data=data, skip_bad=True)
     assert report.skipped["unreadable image"] == 1 and report.pairs["image_smp"] == 2
+
+
+def test_paper_str_form_never_uses_a_near_synonym_of_either_option(tmp_path, bert_tokenizer):
+    data = dataset_fixtures.mit_states(tmp_path / "mit")
+    for pair in helpers.paper_str_pairs("mit-states", data, tmp_path / "p.parquet", bert_tokenizer, seed=1):
+        banned = near_synonyms(pair.correct) | near_synonyms(pair.incorrect)
+        assert all(w in CATEGORY_OF and w not in banned for w in pair.metadata["str"]["replacement"])

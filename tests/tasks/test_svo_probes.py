@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 import dataset_fixtures
+import helpers
 from notice.errors import NoticeError
 from notice.pairs import read_pairs
 from notice.tasks import build_pairs
@@ -77,3 +78,13 @@ def test_bad_rows_stop_with_the_row_or_are_skipped_and_counted(tmp_path, bert_to
                          corruptions=["image_smp"])
     assert report.skipped == {"malformed triplet": 1, "missing image": 1, "unreadable image": 1}
     assert report.pairs["image_smp"] == 2 * (len(dataset_fixtures.SVO_ROWS) - 3)
+
+
+def test_paper_str_form_swaps_both_options_for_other_words_of_the_role(tmp_path, bert_tokenizer):
+    data = dataset_fixtures.svo_probes(tmp_path / "svo")
+    for pair in helpers.paper_str_pairs("svo-probes", data, tmp_path / "p.parquet", bert_tokenizer):
+        triplets = set(pair.metadata["pos_triplet"]) | set(pair.metadata["neg_triplet"])
+        new = set(pair.metadata["str"]["replacement"])
+        assert not new & triplets and not new & {ing_form(w) for w in triplets}  # no word of the question
+        if pair.metadata["role"] == "verb":
+            assert all(w.endswith("ing") for w in new)

@@ -1,7 +1,9 @@
 """Universal heads: heads important in at least k of the n (task, corruption modality) conditions.
 
 Computed from the results table, never written by hand. The paper's "universal" means all
-conditions, the default here.
+conditions, the default here. A condition is a task and the corrupted modality; where one
+modality holds several corruptions (STR in both forms, Gaussian noise), each corruption is a
+condition of its own, so that no ranking pools them.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ import pandas as pd
 from notice.analysis.heads import METRIC, head_effects, head_name, rank_heads
 
 
+def condition_labels(table: pd.DataFrame) -> pd.Series:
+    """Each row's condition: "task/modality", or "task/corruption" where that task's modality holds
+    several corruptions (e.g. text_str and text_str_both)."""
+    label = table["task"].astype(str) + "/" + table["modality"].astype(str)
+    mixed = table.groupby(label)["corruption"].transform("nunique") > 1
+    return label.where(~mixed, table["task"].astype(str) + "/" + table["corruption"].astype(str))
+
+
 def rank_by_condition(table: pd.DataFrame, stream: str = "text", component: str = "cross_attn",
                       metric: str = METRIC, sigmas: float = 2.0, top_k: int = 10, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Ranked heads per condition "task/modality" (one ranking per task and corrupted modality)."""
+    """Ranked heads per condition (see `condition_labels`)."""
     return {name: rank_heads(effects, metric, sigmas=sigmas, top_k=top_k, seed=seed)
             for name, effects in _condition_effects(table, stream, component, metric)}
 
@@ -25,10 +35,10 @@ def condition_names(table: pd.DataFrame, stream: str = "text", component: str = 
 
 
 def _condition_effects(table: pd.DataFrame, stream: str, component: str, metric: str):
-    for (task, modality), rows in table.groupby(["task", "modality"], sort=True):
+    for condition, rows in table.groupby(condition_labels(table), sort=True):
         effects = head_effects(rows, stream, component, metric)
         if not effects.empty:
-            yield f"{task}/{modality}", effects
+            yield str(condition), effects
 
 
 def universal_heads(rankings: dict[str, pd.DataFrame], min_conditions: int | None = None,

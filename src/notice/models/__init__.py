@@ -1,9 +1,14 @@
-"""Model adapters, one per family, and the one way to load them."""
+"""Model adapters, one file per family, and the one way to load them.
+
+A new family is one adapter file (a subclass of `ModelAdapter`, models/base.py), one line in
+FAMILIES, and a tiny builder for the contract suite (tests/models/families.py).
+"""
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import json
 import re
 import socket
@@ -17,22 +22,25 @@ from urllib.parse import urlsplit
 import torch
 
 from notice.errors import NoticeError
+from notice.models.base import ModelAdapter
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip", "easyvqa-llava": ASSETS / "easyvqa-llava"}
 DEFAULT_MODEL = "easyvqa-blip"
 
 
-def _adapter_class(model_type: str):
-    if model_type == "blip":
-        from notice.models.blip import BlipAdapter
+# config.json's model_type → "module:AdapterClass"
+FAMILIES = {
+    "blip": "notice.models.blip:BlipAdapter",
+    "llava": "notice.models.llava:LlavaAdapter",
+}
 
-        return BlipAdapter
-    if model_type == "llava":
-        from notice.models.llava import LlavaAdapter
 
-        return LlavaAdapter
-    raise NoticeError(f"model type {model_type!r} is not supported: notice knows blip and llava")
+def adapter_class(model_type: str) -> type[ModelAdapter]:
+    if model_type not in FAMILIES:
+        raise NoticeError(f"model type {model_type!r} is not supported: notice knows {', '.join(sorted(FAMILIES))}")
+    module, name = FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _model_type(source: str) -> str:
@@ -155,27 +163,42 @@ def prompt_budget(name: str) -> PromptBudget:
     """The prompt budget of a model from its config and processor, without loading its weights
     (`notice pairs` checks every pair against it)."""
     source = resolve_model(name)
-    limit, length = _adapter_class(_model_type(source)).prompt_budget(source)
+    limit, length = adapter_class(_model_type(source)).prompt_budget(source)
     return PromptBudget(name, limit, functools.lru_cache(maxsize=None)(length))
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
-               load_in_4bit: bool = False):
+               load_in_4bit: bool = False) -> ModelAdapter:
     """An adapter for an embedded model name, a local folder or a hub id (e.g. Salesforce/blip-vqa-base,
     llava-hf/llava-1.5-7b-hf); `load_in_4bit` (LLaVA only) needs the optional bitsandbytes."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars speak for long work
     source = resolve_model(name)
-    adapter_class = _adapter_class(_model_type(source))
+    family = adapter_class(_model_type(source))
     extra = {}
     if load_in_4bit:
-        if adapter_class.family != "llava":
+        if family.family != "llava":
             raise NoticeError(f"4-bit loading is offered for LLaVA models only, not {name!r}: drop --4bit")
         extra["load_in_4bit"] = True
     try:
-        return adapter_class.from_pretrained(source, device=device, dtype=dtype, name=name, **extra)
+        return family.from_pretrained(source, device=device, dtype=dtype, name=name, **extra)
     except NoticeError:
         raise
     except (OSError, ValueError) as error:
         raise NoticeError(f"cannot load model {name!r}: {error.__class__.__name__}: {str(error).splitlines()[0]}") from error
+
+
+def load_tokenizer(model: str):
+    """The fast tokenizer of an embedded model name, a saved folder or a hub id (offsets are needed)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(model)  # a one-line error within seconds for an unknown name or an unreachable hub
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # unknown hub id, folder without tokenizer files
+        raise NoticeError(f"cannot load the tokenizer of {model!r} ({error.__class__.__name__}); "
+                          "pass --model with a folder written by save_pretrained or a reachable hub id") from error
+    if not getattr(tokenizer, "is_fast", False):
+        raise NoticeError(f"the tokenizer of {model!r} is not a fast tokenizer; STR needs token offsets")
+    return tokenizer

@@ -22,7 +22,8 @@ import torch
 
 from notice.checks import prompts_fit
 from notice.errors import NoticeError
-from notice.models.base import Patchable, PatchBatch, Trace
+from notice.io import load_image
+from notice.models.base import ModelAdapter, PatchBatch, Run, Trace
 from notice.pairs import Pair
 from notice.patching.inputs import check_direction, pair_baseline, pair_runs
 from notice.patching.metrics import Baseline, cell_stats, pair_table
@@ -59,11 +60,6 @@ class Group:
     cells: list[int]  # indices into the pair's site list, sorted by layer, then target
 
 
-def target(site: Site) -> str:
-    """What a site overwrites: a component's write, the layer output, or per-head values ('.z')."""
-    return site.component + (".z" if site.head is not None else "")
-
-
 def first_position(site: Site) -> int:
     return 0 if site.position == ALL else int(site.position)
 
@@ -77,19 +73,19 @@ def plan(sites: Sequence[Site], order: Sequence[str], cross_layer: Iterable[str]
         key = (order.index(site.stream), first_position(site) if site.stream in cross_layer else site.layer)
         groups.setdefault(key, Group(site.stream, [], [])).cells.append(i)
     for group in groups.values():
-        group.cells.sort(key=lambda i: (sites[i].layer, target(sites[i]), sites[i].position == ALL))
+        group.cells.sort(key=lambda i: (sites[i].layer, sites[i].target, sites[i].position == ALL))
         group.layers = sorted({sites[i].layer for i in group.cells})
     return [groups[key] for key in sorted(groups)]
 
 
-def make_batches(adapter: Patchable, sites: Sequence[Site], cells: Sequence[int], receiving: Trace,
+def make_batches(adapter: ModelAdapter, sites: Sequence[Site], cells: Sequence[int], receiving: Trace,
                  device: torch.device) -> list[PatchBatch]:
     """One PatchBatch per (layer, target, one position or all) among the cells, in the cells' order:
     position indices [N, K] and head column masks [N, W]."""
     out = []
     runs: dict[tuple[int, str, bool], list[Site]] = {}
     for i in cells:
-        runs.setdefault((sites[i].layer, target(sites[i]), sites[i].position == ALL), []).append(sites[i])
+        runs.setdefault((sites[i].layer, sites[i].target, sites[i].position == ALL), []).append(sites[i])
     for (layer, name, whole), chosen in runs.items():
         stream = chosen[0].stream
         if whole:
@@ -107,7 +103,7 @@ def make_batches(adapter: Patchable, sites: Sequence[Site], cells: Sequence[int]
     return out
 
 
-def check_pair(adapter: Patchable, pair: Pair, receiving: Trace, source: Trace, streams: Iterable[str],
+def check_pair(adapter: ModelAdapter, pair: Pair, receiving: Trace, source: Trace, streams: Iterable[str],
                directions: tuple[str, str]) -> None:
     """Raise SanityCheckError unless, through the engine's own paths, patching nothing reproduces the
     receiving run and patching a whole layer's output at every position reproduces the source run."""
@@ -138,11 +134,9 @@ def check_pair(adapter: Patchable, pair: Pair, receiving: Trace, source: Trace, 
                                    f"run's logits, but they differ by up to {error:.3g} (tolerance {limit:.3g})")
 
 
-def batch_size_for(adapter: Patchable, stream: str, receiving: Trace, source: Trace, max_memory: int) -> int:
+def batch_size_for(adapter: ModelAdapter, stream: str, receiving: Trace, source: Trace, max_memory: int) -> int:
     """As many cells per forward as fit under max_memory beside the model and the two traces."""
-    model = getattr(adapter, "model", None)
-    fixed = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
-    fixed += receiving.nbytes() + source.nbytes()
+    fixed = adapter.parameter_bytes() + receiving.nbytes() + source.nbytes()
     per_cell = adapter.cell_bytes(stream, receiving.num_positions)
     room = max_memory - fixed
     if room < per_cell:
@@ -152,7 +146,7 @@ def batch_size_for(adapter: Patchable, stream: str, receiving: Trace, source: Tr
 
 
 @torch.no_grad()
-def patch_pair(adapter: Patchable, pair: Pair, sites: Sequence[str], direction: str = "denoise", *,
+def patch_pair(adapter: ModelAdapter, pair: Pair, sites: Sequence[str], direction: str = "denoise", *,
                max_memory: str | int = DEFAULT_MAX_MEMORY, batch_size: int | None = None, checks: bool = True,
                progress: Callable[[int], None] | None = None, model_name: str = "") -> pd.DataFrame:
     """The results table of one pair: one row per site matched by the `sites` patterns.
@@ -163,7 +157,7 @@ def patch_pair(adapter: Patchable, pair: Pair, sites: Sequence[str], direction: 
     check_direction(direction)
     prompts_fit(adapter, [pair])
     clean, corrupt = pair_runs(adapter, pair)
-    cells = expand_sites(sites, adapter.streams, adapter.num_positions(pair.clean_prompt))
+    cells = expand_sites(sites, adapter.streams, adapter.num_positions(clean))
     streams = {site.stream for site in cells}
     clean_trace, corrupt_trace = adapter.trace(clean, streams), adapter.trace(corrupt, streams)
     receiving, source = (corrupt_trace, clean_trace) if direction == "denoise" else (clean_trace, corrupt_trace)
@@ -173,17 +167,17 @@ def patch_pair(adapter: Patchable, pair: Pair, sites: Sequence[str], direction: 
                    ("corrupt", "clean") if direction == "denoise" else ("clean", "corrupt"))
     stats = run_cells(adapter, cells, receiving, source, base, parse_memory(max_memory), batch_size, progress)
     return pair_table(pair, direction, cells, stats, base, adapter.position_labels(clean),
-                      adapter.position_labels(corrupt), model_name or getattr(adapter, "name", ""))
+                      adapter.position_labels(corrupt), model_name or adapter.name)
 
 
-def run_cells(adapter: Patchable, cells: Sequence[Site], receiving: Trace, source: Trace, base: Baseline,
+def run_cells(adapter: ModelAdapter, cells: Sequence[Site], receiving: Trace, source: Trace, base: Baseline,
               max_memory: int, batch_size: int | None = None,
               progress: Callable[[int], None] | None = None) -> np.ndarray:
     """[len(cells), 3] (LD, p(correct), KL) of every cell, batched by target; one host sync per batch."""
     device = receiving.logits.device
     out = np.zeros((len(cells), 3))
     sizes: dict[str, int] = {}
-    for group in plan(cells, list(adapter.streams), getattr(adapter, "cross_layer_streams", ())):
+    for group in plan(cells, list(adapter.streams), adapter.cross_layer_streams):
         if group.stream not in sizes:
             sizes[group.stream] = batch_size or batch_size_for(adapter, group.stream, receiving, source, max_memory)
         size = sizes[group.stream]
@@ -197,12 +191,24 @@ def run_cells(adapter: Patchable, cells: Sequence[Site], receiving: Trace, sourc
     return out
 
 
-def count_cells(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str]) -> list[int]:
-    """Cells per pair (the site patterns expand over each question's own positions)."""
-    return [len(expand_sites(sites, adapter.streams, adapter.num_positions(p.clean_prompt))) for p in pairs]
+def count_cells(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[str]) -> list[int]:
+    """Cells per pair (the site patterns expand over each input's own positions)."""
+    return [len(expand_sites(sites, adapter.streams, adapter.num_positions(clean_run(adapter, p)))) for p in pairs]
 
 
-def patch_pairs(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str], out, direction: str = "denoise", *,
+def example_run(adapter: ModelAdapter) -> Run:
+    """Any input (a blank image and a question), for checking site patterns before the pairs are at hand."""
+    from PIL import Image
+
+    return Run(adapter.prepare([Image.new("RGB", (64, 64), "white")], ["what is in the image?"]))
+
+
+def clean_run(adapter: ModelAdapter, pair: Pair) -> Run:
+    """The clean input of a pair as the model receives it (its positions give the sites' ranges)."""
+    return Run(adapter.prepare([load_image(pair.clean_image)], [pair.clean_prompt]))
+
+
+def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[str], out, direction: str = "denoise", *,
                 max_memory: str | int = DEFAULT_MAX_MEMORY, batch_size: int | None = None, checks: bool = True,
                 progress: Callable[[int, bool], None] | None = None, model_name: str = "", dtype: str = "",
                 provenance: dict | None = None) -> dict:
@@ -219,9 +225,9 @@ def patch_pairs(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str],
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise NoticeError(f"pair id {duplicate!r} occurs more than once: pair ids must be unique")
     prompts_fit(adapter, pairs)  # every pair readable before the first shard is written
-    model_name = model_name or getattr(adapter, "name", "")
+    model_name = model_name or adapter.name
     store = ResultStore(out, {"model": model_name, "sites": list(sites), "direction": direction,
-                              "dtype": dtype or str(getattr(adapter, "dtype", "")).replace("torch.", ""),
+                              "dtype": dtype or str(adapter.dtype).replace("torch.", ""),
                               "answer_scoring": "first_token", **(provenance or {})})
     counts = count_cells(adapter, pairs, sites)
     summary = {"pairs": len(pairs), "done": 0, "skipped": 0, "cells": sum(counts)}
@@ -232,7 +238,15 @@ def patch_pairs(adapter: Patchable, pairs: Sequence[Pair], sites: Sequence[str],
                 progress(count, True)
             continue
         frame = patch_pair(adapter, pair, sites, direction, max_memory=max_memory, batch_size=batch_size,
-                           checks=checks, progress=progress, model_name=model_name)
+                           checks=checks, progress=None if progress is None else _fresh(progress),
+                           model_name=model_name)
         store.write(pair.id, frame)
         summary["done"] += 1
     return summary
+
+
+def _fresh(progress: Callable[[int, bool], None]) -> Callable[[int], None]:
+    """A sweep's progress callback as patch_pair calls it: cells finished now (not skipped)."""
+    def done(cells: int) -> None:
+        progress(cells, False)
+    return done

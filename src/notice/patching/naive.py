@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from notice.models.base import Patchable, Run
+from notice.models.base import ModelAdapter, Run, edit_activation
 from notice.pairs import Pair
 from notice.patching.inputs import check_direction, pair_baseline, pair_runs
 from notice.patching.metrics import cell_stats, pair_table
@@ -23,17 +23,9 @@ def _rows(site: Site) -> slice:
 
 
 @contextmanager
-def hooked(adapter: Patchable, site: Site, edit) -> Iterator[None]:
+def hooked(adapter: ModelAdapter, site: Site, edit) -> Iterator[None]:
     """Run `edit(tensor [B, P, W]) -> tensor` on the site's activation during forwards in this block."""
-    module, kind = adapter.hook_point(site)
-    if kind == "input":
-        handle = module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
-    else:
-        def after(m, args, output):
-            if isinstance(output, tuple):
-                return (edit(output[0]),) + tuple(output[1:])
-            return edit(output)
-        handle = module.register_forward_hook(after)
+    handle = edit_activation(*adapter.hook_point(site), edit)
     try:
         yield
     finally:
@@ -41,7 +33,7 @@ def hooked(adapter: Patchable, site: Site, edit) -> Iterator[None]:
 
 
 @torch.no_grad()
-def record(adapter: Patchable, run: Run, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
+def record(adapter: ModelAdapter, run: Run, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
     """Every site's whole activation [P, W] in one plain forward of `run`, keyed by site.module."""
     out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
@@ -55,7 +47,7 @@ def record(adapter: Patchable, run: Run, sites: Sequence[Site]) -> dict[str, tor
 
 
 @torch.no_grad()
-def patched_logits(adapter: Patchable, receiving: Run, site: Site, value: torch.Tensor) -> torch.Tensor:
+def patched_logits(adapter: ModelAdapter, receiving: Run, site: Site, value: torch.Tensor) -> torch.Tensor:
     """Logits [1, V] of the receiving run with the site overwritten from `value` [P, W]."""
     rows, columns = _rows(site), adapter.site_columns(site) or slice(None)
 
@@ -69,16 +61,16 @@ def patched_logits(adapter: Patchable, receiving: Run, site: Site, value: torch.
 
 
 @torch.no_grad()
-def naive_patch_pair(adapter: Patchable, pair: Pair, sites: Sequence[str], direction: str = "denoise",
+def naive_patch_pair(adapter: ModelAdapter, pair: Pair, sites: Sequence[str], direction: str = "denoise",
                      model_name: str = "") -> pd.DataFrame:
     """The results table of one pair, one full forward per cell."""
     check_direction(direction)
     clean, corrupt = pair_runs(adapter, pair)
     receiving, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    cells = expand_sites(sites, adapter.streams, adapter.num_positions(pair.clean_prompt))
+    cells = expand_sites(sites, adapter.streams, adapter.num_positions(clean))
     base = pair_baseline(adapter, pair, adapter.run_logits(clean)[0], adapter.run_logits(corrupt)[0])
     values = record(adapter, source, cells)
     stats = torch.cat([cell_stats(patched_logits(adapter, receiving, site, values[site.module]), base)
                        for site in cells]).cpu().numpy() if cells else np.zeros((0, 3))
     return pair_table(pair, direction, cells, stats, base, adapter.position_labels(clean),
-                      adapter.position_labels(corrupt), model_name or getattr(adapter, "name", ""))
+                      adapter.position_labels(corrupt), model_name or adapter.name)

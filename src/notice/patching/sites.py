@@ -17,40 +17,17 @@ streams that have one (BLIP's decoder, LLaVA's language model): `lm.*.self_attn.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from notice.errors import NoticeError
-from notice.models.base import StreamFacts
+from notice.models.base import ALL, Site, StreamFacts
 
-ALL = "all"
+__all__ = ["ALL", "Site", "expand_sites", "parse_site", "site_catalogue", "validate_site"]
+
 _SITE_RE = re.compile(r"^(?P<stream>[a-z_]+)\.(?P<layer>\d+)\.(?P<component>[a-z_]+)"
                       r"(?:\.head(?P<head>\d+))?(?:@(?P<position>\d+|all))?$")
 _PATTERN_RE = re.compile(r"^(?P<stream>[a-z_*]+)\.(?P<layer>\d+|\*)\.(?P<component>[a-z_*]+)"
                          r"(?:\.head(?P<head>\d+|\*))?(?:@(?P<position>\d+|all|last|answer|\*))?$")
-
-
-@dataclass(frozen=True, order=True)
-class Site:
-    stream: str
-    layer: int
-    component: str
-    head: int | None = None
-    position: int | str = ALL  # token/patch index, or "all"
-
-    @property
-    def name(self) -> str:
-        head = f".head{self.head}" if self.head is not None else ""
-        return f"{self.stream}.{self.layer}.{self.component}{head}@{self.position}"
-
-    @property
-    def module(self) -> str:
-        """The site without its position: one module (or head) of the model."""
-        head = f".head{self.head}" if self.head is not None else ""
-        return f"{self.stream}.{self.layer}.{self.component}{head}"
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def parse_site(text: str) -> Site:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.heads import head_effects, head_heatmap, head_name, module_heatmap
-from notice.analysis.universal import condition_names, rank_by_condition, universal_heads
+from notice.analysis.paper_rule import PAPER_RULES, answer_records, check_rules
+from notice.analysis.universal import condition_labels, condition_names, rank_by_condition, universal_heads
 from notice.errors import NoticeError
-from notice.io import staged_folder
+from notice.io import load_image, staged_folder
 from notice.pairs import Pair
 from notice.report.figures import attention_overlay, heatmap, interactive_heatmap
 from notice.report.html import Report, Section, figure_html, table_html, write_report
+from notice.report.rules import rule_section
 
 COMPONENT_TITLES = {"layer": "layer output", "self_attn": "self-attention", "cross_attn": "cross-attention",
                     "mlp": "MLP"}
@@ -34,12 +36,6 @@ def position_labels(table: pd.DataFrame, positions: Sequence[int]) -> list[str]:
         else:
             labels.append(str(position))
     return labels
-
-
-def selection_row(report: dict) -> dict:
-    """One row of counts from a selection report: pairs in, kept, and dropped by each filter."""
-    return {"input": report["input"], "kept": report["kept"],
-            **{f"dropped: {name}": count for name, count in report["dropped"].items()}}
 
 
 def _slug(text: str) -> str:
@@ -74,8 +70,9 @@ def condition_section(condition: str, rows: pd.DataFrame, ranked: pd.DataFrame |
     if ranked is not None:
         shown = ranked.head(top_k).assign(head=lambda f: [head_name(l, h) for l, h in zip(f["layer"], f["head"])])
         shown = shown[["rank", "head", "mean_abs_effect", "ci_low", "ci_high", "mean_effect", "samples", "important"]]
-        body += (f'<p class="note">Heads ranked by mean |normalized effect| over samples, 95% bootstrap interval; '
-                 f"important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>" + table_html(shown))
+        body += (f'<p class="note">Rule default: heads ranked by mean |normalized effect| over samples, 95% bootstrap '
+                 f"interval; important: above mean + 2σ over heads ({ranked.attrs['threshold']:.3f}).</p>"
+                 + table_html(shown))
     return Section(prefix + condition, body)
 
 
@@ -96,33 +93,41 @@ def focus_of(table: pd.DataFrame) -> tuple[str, str]:
 
 @dataclass
 class ModelResults:
-    """One model's part of a report: its results table and, for head functions, adapter and pairs."""
+    """One model's part of a report: its results table, the head-function tables and the pairs whose
+    images the overlays show, and the selection counts."""
 
     name: str
     table: pd.DataFrame
-    adapter: Any = None
+    head_functions: hf.HeadFunctions | None = None
     pairs: Sequence[Pair] = ()
     selection: dict[str, dict] = field(default_factory=dict)
 
 
 def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
-                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0) -> Path:
+                top_k: int = 10, universal_top_k: int = 3, overlays_per_head: int = 2, seed: int = 0,
+                rules: Sequence[str] = ("default",)) -> Path:
     """Write the report of one or several models to `out_dir`; with several, a comparison of
     their heads follows their own sections. `top_k` heads are listed per condition; the
     `universal_top_k` strongest of each condition count for the top-k variant of universality.
+    `rules` beyond "default" add the NOTICE paper's head selection (notice.analysis.paper_rule).
     Everything is written beside `out_dir` first and moved in at the end: an error leaves it as it was."""
+    rules = check_rules(rules)
     for model in models:
         count = len(condition_names(model.table, *focus_of(model.table)))
         if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
             raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
                               f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
+        if set(rules) & set(PAPER_RULES) and not model.pairs:
+            raise NoticeError(f"--rule {', '.join(r for r in rules if r in PAPER_RULES)} reads where each answer "
+                              f"word sits from the pairs: pass --pairs with the pairs files {model.name}'s results "
+                              "were patched from")
     with staged_folder(out_dir) as stage:
-        _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed)
+        _write_report(models, stage, title, min_conditions, top_k, universal_top_k, overlays_per_head, seed, rules)
     return Path(out_dir) / "index.html"
 
 
 def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None,
-                  top_k: int, universal_top_k: int, overlays_per_head: int, seed: int) -> Path:
+                  top_k: int, universal_top_k: int, overlays_per_head: int, seed: int, rules: list[str]) -> Path:
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     sections, universals = [], {}
     for model in models:
@@ -130,22 +135,24 @@ def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min
         focus = focus_of(model.table)
         rankings = rank_by_condition(model.table, *focus, top_k=universal_top_k, seed=seed)
         sections.append(overview_section(model.table, model.selection, prefix))
-        for (task, modality), rows in model.table.groupby(["task", "modality"], sort=True):
-            condition = f"{task}/{modality}"
+        for condition, rows in model.table.groupby(condition_labels(model.table), sort=True):
             sections.append(condition_section(condition, rows, rankings.get(condition), out_dir, focus, top_k,
                                               prefix))
         universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame()
         universals[model.name] = (focus, rankings, universal)
         k = len(rankings) if min_conditions is None else min_conditions
         sections.append(Section(f"{prefix}Universal heads", (
-            f'<p class="note">{COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important (mean + 2σ) '
-            f"in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
+            f'<p class="note">Rule default: {COMPONENT_TITLES[focus[1]]} heads of the {focus[0]} stream important '
+            f"(mean + 2σ) in at least {k} of {len(rankings)} conditions, computed from the results table.</p>"
             + (table_html(universal) if not universal.empty else "<p>No head is important in that many conditions.</p>")
             + _top_k_universal(rankings, min_conditions, universal_top_k))))
-        if model.adapter is not None and model.pairs:
+        if rules != ["default"]:
+            sections.append(rule_section(model.table, answer_records(model.pairs), focus, rules, rankings, out_dir,
+                                         min_conditions, prefix, _slug(prefix) + "-" if prefix else ""))
+        if model.head_functions is not None:
             heads = _focus_heads(universal, rankings)
-            sections.append(head_function_section(model.adapter, model.pairs, heads, out_dir, overlays_per_head,
-                                                  prefix))
+            sections.append(head_function_section(model.head_functions, model.pairs, heads, out_dir,
+                                                  overlays_per_head, prefix))
     if len(models) > 1:
         sections.append(comparison_section(universals, top_k=5))
     summary = {"models": ", ".join(m.name for m in models),
@@ -157,7 +164,7 @@ def _write_report(models: Sequence[ModelResults], out_dir: Path, title: str, min
 def comparison_section(universals: dict[str, tuple], top_k: int) -> Section:
     """Each model's strongest heads per condition side by side, and how many are universal."""
     rows = []
-    for name, (focus, rankings, universal) in universals.items():
+    for name, (focus, rankings, _) in universals.items():
         for condition, ranked in rankings.items():
             top = ranked.head(top_k)
             rows.append({"model": name, "heads": f"{focus[0]} {COMPONENT_TITLES[focus[1]]}", "condition": condition,
@@ -209,58 +216,71 @@ def _focus_heads(universal: pd.DataFrame, rankings: dict[str, pd.DataFrame]) -> 
     return list(heads)[:8]
 
 
-def head_function_section(adapter, pairs: Sequence[Pair], focus: list[tuple[int, int]], out_dir: Path,
-                          overlays_per_head: int, prefix: str = "") -> Section:
-    samples = hf.collect(adapter, pairs)
-    measures = hf.summarize_head_functions(hf.head_function_table(samples))
+def head_function_section(functions: hf.HeadFunctions, pairs: Sequence[Pair], focus: list[tuple[int, int]],
+                          out_dir: Path, overlays_per_head: int, prefix: str = "") -> Section:
+    measures = hf.summarize_head_functions(functions.table)
     measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
     focused = measures.set_index(["layer", "head"]).loc[[h for h in focus if h in set(
         zip(measures["layer"], measures["head"]))]].reset_index() if focus else measures.head(0)
-    body = ('<p class="note">Attention from the query token (BLIP: the answer word in the question; LLaVA: the '
-            "last prompt token, where the answer is read out) to the image patches, averaged over the selected "
-            "clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of the "
-            "top-attended patches with the mask (implicit segmentation); object_inhibition: mass on the object "
+    facts = functions.facts
+    body = (f'<p class="note">Attention of the {facts["stream"]} stream\'s {COMPONENT_TITLES[facts["component"]]} '
+            "heads from the query token (BLIP: the answer word in the question; an image-token LM: the last prompt "
+            "token, where the answer is read out) to the image patches, averaged over "
+            f"{facts['samples']} selected clean inputs. mask_mass: attention inside the object mask; mask_iou: IoU of "
+            "the top-attended patches with the mask (implicit segmentation); object_inhibition: mass on the object "
             "minus the average head's (negative: looks away); outlier_inhibition: mass on high-norm outlier "
             "patches minus the average head's.</p>")
     body += "<h3>Heads in focus</h3>" + (table_html(focused) if not focused.empty else "<p>None.</p>")
     strongest = measures.dropna(subset=["mask_iou"]).sort_values("mask_iou", ascending=False).head(5)
     if not strongest.empty:
         body += "<h3>Best implicit segmenters (highest mask IoU)</h3>" + table_html(strongest)
+    images = {p.id: p.clean_image for p in pairs}
+    shown = [pair_id for pair_id in dict.fromkeys(functions.maps["pair_id"]) if pair_id in images][:overlays_per_head]
     figures = []
     for layer, head in focus:
-        for sample in samples[:overlays_per_head]:
-            target = out_dir / "figures" / f"overlay-{_slug(prefix + sample.pair_id)}-L{layer}H{head}.png"
-            attention_overlay(sample.image, hf.relative_map(sample, layer, head),
+        for pair_id in shown:
+            target = out_dir / "figures" / f"overlay-{_slug(prefix + pair_id)}-L{layer}H{head}.png"
+            attention_overlay(load_image(images[pair_id]), hf.relative_map(functions.maps, pair_id, layer, head),
                               f"{head_name(layer, head)} minus average head", target)
-            figures.append(figure_html(f"figures/{target.name}", f"{sample.pair_id}: {head_name(layer, head)}"))
+            figures.append(figure_html(f"figures/{target.name}", f"{pair_id}: {head_name(layer, head)}"))
     if figures:
         body += "<h3>Attention overlays</h3><div class=\"figures\">" + "".join(figures) + "</div>"
     return Section(f"{prefix}What the heads do", body)
 
 
-def report_from_folder(results: Path, out: Path, model: str | None = None, pairs_files: Sequence[Path] = (),
-                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10) -> Path:
-    """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder."""
+def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (), head_functions: Path | None = None,
+                       title: str = "notice report", min_conditions: int | None = None, top_k: int = 10,
+                       rules: Sequence[str] = ("default",)) -> Path:
+    """The report of a run folder (`notice run`/`demo`) or of a `notice patch` output folder; head
+    functions from a `notice head-functions` folder (a run folder has its own)."""
     import json
 
-    from notice.models import load_model
     from notice.pairs import read_pairs
+    from notice.select import selection_row
     from notice.store import load_results
 
+    rules = check_rules(rules)  # before anything slow
     results = Path(results)
     run_config = results / "config.json"
     selection: dict[str, dict] = {}
+    name = None
     if run_config.is_file() and (results / "results").is_dir():  # a pipeline run folder
-        config = json.loads(run_config.read_text())
-        model = model or config["model"]
+        name = json.loads(run_config.read_text())["model"]
         pairs_files = list(pairs_files) or sorted((results / "selected").glob("*.parquet"))
         for path in sorted((results / "selected").glob("*.selection.json")):
             selection[path.name.split(".")[0]] = selection_row(json.loads(path.read_text()))
+        functions = hf.read_head_functions(results / "head_functions")
         results = results / "results"
+    else:
+        functions = None
+    if head_functions is not None:
+        functions = hf.read_head_functions(head_functions)
+        if functions is None:
+            raise NoticeError(f"{head_functions} holds no head-function tables: write them with "
+                              "`notice head-functions PAIRS --out FOLDER`")
     table = load_results(results)
-    if model is None and "model" in table and table["model"].nunique() == 1:
-        model = str(table["model"].iloc[0])
-    adapter = load_model(model) if model and pairs_files else None
+    if name is None and "model" in table and table["model"].nunique() == 1:
+        name = str(table["model"].iloc[0])
     pairs = [p for f in pairs_files for p in read_pairs(f)]
-    return make_report([ModelResults(model or "unknown", table, adapter, pairs, selection)], out, title,
-                       min_conditions=min_conditions, top_k=top_k)
+    return make_report([ModelResults(name or "unknown", table, functions, pairs, selection)], out, title,
+                       min_conditions=min_conditions, top_k=top_k, rules=rules)

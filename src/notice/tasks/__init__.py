@@ -10,7 +10,7 @@ from notice import __version__
 from notice.errors import NoticeError
 from notice.io import no_new_empty_folders
 from notice.models import PromptBudget
-from notice.pairs import CORRUPTIONS, Pair, write_pairs
+from notice.pairs import DEFAULT_CORRUPTIONS, STR_FORMS, Pair, write_pairs
 
 
 def _task_readers() -> dict[str, Callable]:
@@ -28,14 +28,16 @@ TASKS = ("svo-probes", "mit-states", "facial-expressions", "easyvqa-color", "eas
 
 
 def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None = None, split: str | None = None,
-                seed: int = 0, corruptions: Sequence[str] = CORRUPTIONS, limit: int | None = None,
-                skip_bad: bool = False, progress=None, budget: PromptBudget | None = None):
+                seed: int = 0, corruptions: Sequence[str] = DEFAULT_CORRUPTIONS, limit: int | None = None,
+                skip_bad: bool = False, progress=None, budget: PromptBudget | None = None, str_form: str = "one"):
     """Read a task's data, derive its pairs and write them to `out` (Parquet) with derived images
     and masks in `<out stem>_files/`; returns the BuildReport. Nothing is written on error.
 
     `tokenizer` is the model's own (fast) tokenizer: STR and text-noise positions depend on it.
     With `budget`, a sample whose prompt is longer than the model reads is bad input, named by its id
-    (all of a sample's pairs share its prompt's length: STR keeps the token count)."""
+    (all of a sample's pairs share its prompt's length: STR keeps the token count).
+    `str_form` says what "text_str" makes: "one" (the right option swapped) or "both" (both
+    options swapped, the NOTICE paper's form, stored as its own corruption text_str_both)."""
     from notice.tasks.common import Bad, BuildReport, DerivedFiles, check_corruptions, derive_pairs, steps
 
     readers = _task_readers()
@@ -45,7 +47,9 @@ def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None =
         raise NoticeError(f"data folder not found: {data}")
     if limit is not None and limit < 1:
         raise NoticeError(f"--limit must be at least 1, not {limit}")
-    chosen = check_corruptions(corruptions)
+    if str_form not in STR_FORMS:
+        raise NoticeError(f"unknown STR form {str_form!r}: use {' or '.join(STR_FORMS)}")
+    chosen = [STR_FORMS[str_form] if c == "text_str" else c for c in check_corruptions(corruptions)]
     out = Path(out)
     report = BuildReport()
     bad = Bad(skip_bad, report)
@@ -54,7 +58,7 @@ def build_pairs(task: str, out: str | Path, tokenizer, data: str | Path | None =
         pairs: list[Pair] = []
         for sample in steps(progress, samples, f"{task}: pairs"):
             length = budget.excess(sample.prompt) if budget is not None else None
-            if length is not None:
+            if budget is not None and length is not None:
                 bad("prompt longer than the model reads",
                     f"sample {sample.id}: {budget.describe(sample.prompt, length)}; use a model that reads longer prompts")
                 continue

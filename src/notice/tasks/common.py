@@ -1,8 +1,9 @@
 """What every task builder shares: samples, the pairs derived from them, bad-input handling.
 
 A task reads its dataset into Samples: one clean input (image, two-way prompt, right answer)
-with its semantic minimal partner image. Every Sample then yields up to four pairs on the
-same clean input, so that SMP, STR and Gaussian noise can be compared sample by sample.
+with its semantic minimal partner image. Every Sample then yields up to five pairs on the
+same clean input, so that SMP, both forms of STR and Gaussian noise can be compared sample
+by sample.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from notice.corrupt.noise import noise_spec
-from notice.corrupt.text import replace_word, token_positions, word_span
+from notice.corrupt.text import replace_words, token_positions, word_span
 from notice.errors import NoticeError
 from notice.pairs import CORRUPTIONS, Pair
 
@@ -27,7 +28,8 @@ T = TypeVar("T")
 
 @dataclass
 class Sample:
-    """One clean input and its SMP partner; `str_candidates` are the contrast words for STR."""
+    """One clean input and its SMP partner; `str_candidates` are the contrast words of the right
+    option for STR, `str_both_candidates` those of each option for the paper's two-word form."""
 
     id: str
     task: str
@@ -39,8 +41,9 @@ class Sample:
     category: str  # the balancing unit: SVO role, state category, emotion, colour, shape
     str_candidates: Sequence[str]
     metadata: dict[str, Any] = field(default_factory=dict)
+    str_both_candidates: Mapping[str, Sequence[str]] = field(default_factory=dict)  # option word → contrast words
     noise_positions: str = "all"  # image noise: "all" patches, or "object" where a mask is known
-    # (asserting, negated) yes/no prompts naming an attribute value ("is there a {} shape?"), where the task has them
+    # (asserting, negated) yes/no prompts naming an attribute value ("is a {} shape present?"), where the task has them
     yes_no: tuple[str, str] | None = None
 
     @property
@@ -69,12 +72,11 @@ class BuildReport:
     """Counts of what a build skipped or rejected, by reason."""
 
     skipped: Counter = field(default_factory=Counter)
-    str_rejected_candidates: int = 0
     pairs: Counter = field(default_factory=Counter)
+    str_rejected: Counter = field(default_factory=Counter)  # contrast-word draws rejected, per STR corruption
 
     def as_dict(self) -> dict[str, Any]:
-        return {"pairs": dict(self.pairs), "skipped": dict(self.skipped),
-                "str_rejected_candidates": self.str_rejected_candidates}
+        return {"pairs": dict(self.pairs), "skipped": dict(self.skipped), "str_rejected": dict(self.str_rejected)}
 
 
 class Bad:
@@ -96,28 +98,24 @@ def stable_seed(seed: int, key: str) -> int:
 
 def derive_pairs(sample: Sample, tokenizer, corruptions: Sequence[str], seed: int,
                  report: BuildReport) -> list[Pair]:
-    """The pairs of one sample: its SMP pair, an STR pair, and image and text noise on the same clean input."""
-    base = dict(sample.metadata, sample=sample.id, category=sample.category, correct_first=sample.correct_first)
+    """The pairs of one sample: its SMP pair, STR pairs (one word or both options swapped), and
+    image and text noise on the same clean input."""
+    span = _option_span(sample)
+    base = dict(sample.metadata, sample=sample.id, category=sample.category, correct_first=sample.correct_first,
+                answer_tokens=answer_token_record(tokenizer, sample.prompt, span, sample.correct))
     common = dict(task=sample.task, clean_image=sample.clean_image, clean_prompt=sample.prompt,
                   correct=sample.correct, incorrect=sample.incorrect)
-    span = _option_span(sample)
     out = []
     if "image_smp" in corruptions:
         out.append(Pair(id=f"{sample.id}/image_smp", corruption="image_smp", corrupt_image=sample.corrupt_image,
                         corrupt_prompt=sample.prompt, metadata=base, **common))
-    if "text_str" in corruptions:
-        rng = random.Random(stable_seed(seed, sample.id + "/str"))
-        avoid = {sample.correct, sample.incorrect}
-        replacement, rejected = replace_word(tokenizer, sample.prompt, span,
-                                             [w for w in sample.str_candidates if w not in avoid], rng)
-        report.str_rejected_candidates += rejected
-        if replacement is None:
-            report.skipped["text_str: no contrast word of equal token length"] += 1
-        else:
-            meta = dict(base, str={"positions": replacement.positions, "replaced": replacement.replaced,
-                                   "replacement": replacement.replacement})
-            out.append(Pair(id=f"{sample.id}/text_str", corruption="text_str", corrupt_image=sample.clean_image,
-                            corrupt_prompt=replacement.prompt, metadata=meta, **common))
+    for corruption in ("text_str", "text_str_both"):
+        if corruption in corruptions:
+            swap = _str_swap(sample, tokenizer, corruption, seed, report)
+            if swap is not None:
+                out.append(Pair(id=f"{sample.id}/{corruption}", corruption=corruption,
+                                corrupt_image=sample.clean_image, corrupt_prompt=swap.pop("prompt"),
+                                metadata=dict(base, str=swap), **common))
     if "text_str_yesno" in corruptions:
         out += _yes_no_pair(sample, tokenizer, seed, report, base)
     noise_seed = stable_seed(seed, sample.id + "/noise")
@@ -134,10 +132,43 @@ def derive_pairs(sample: Sample, tokenizer, corruptions: Sequence[str], seed: in
     return out
 
 
+def _str_swap(sample: Sample, tokenizer, corruption: str, seed: int, report: BuildReport) -> dict[str, Any] | None:
+    """The corrupt prompt and STR metadata of one form, or None (counted) when no swap aligns.
+
+    text_str swaps the right option for a contrast word; text_str_both swaps both options, each
+    for a word of its own token length (the NOTICE paper's form), never the same word twice."""
+    if corruption == "text_str":
+        words = [sample.correct]
+        pools: list[Sequence[str]] = [[w for w in sample.str_candidates if w not in (sample.correct, sample.incorrect)]]
+    else:
+        words = [sample.correct, sample.incorrect]
+        pools = [sample.str_both_candidates.get(word, ()) for word in words]
+    key = "/str" if corruption == "text_str" else "/str_both"
+    return _swap_words(tokenizer, corruption, sample.prompt, [answer_span(sample.prompt, w) for w in words], pools,
+                       random.Random(stable_seed(seed, sample.id + key)), report)
+
+
+def _swap_words(tokenizer, corruption: str, prompt: str, spans: list[tuple[int, int]], pools: list[Sequence[str]],
+                rng: random.Random, report: BuildReport) -> dict[str, Any] | None:
+    """Swap the words at `spans` for aligned words of their pools; the corrupt prompt and STR metadata, or
+    None (counted under `corruption`) when no swap aligns."""
+    swap, rejected = replace_words(tokenizer, prompt, spans, pools, rng)
+    report.str_rejected[corruption] += rejected
+    if swap is None:
+        reason = ("no two different contrast words of the options' token lengths" if len(spans) > 1 else
+                  "no contrast word of equal token length")
+        report.skipped[f"{corruption}: {reason}"] += 1
+        return None
+    one = len(spans) == 1  # the one-word form keeps plain strings, as before
+    return {"prompt": swap.prompt, "form": "one" if one else "both", "positions": swap.positions,
+            "replaced": swap.replaced[0] if one else swap.replaced,
+            "replacement": swap.replacement[0] if one else swap.replacement, "rejected": rejected}
+
+
 def _yes_no_pair(sample: Sample, tokenizer, seed: int, report: BuildReport, base: dict[str, Any]) -> list[Pair]:
-    """STR on a yes/no question about the clean image's own attribute value: "is there a red shape?" (yes)
-    against "is there a blue shape?" (no), or the negated form with the answers swapped. The clean
-    image decides the answer of both prompts, so the word swap flips a model that compares them.
+    """STR on a yes/no question about the clean image's own attribute value: "is a red shape present?"
+    (yes) against "is a blue shape present?" (no), or the negated form with the answers swapped. The
+    clean image decides the answer of both prompts, so the word swap flips a model that compares them.
     Asserting or negated is a seeded choice per sample; selection balances the two."""
     if sample.yes_no is None:
         report.skipped["text_str_yesno: the task has no yes/no question form"] += 1
@@ -145,19 +176,38 @@ def _yes_no_pair(sample: Sample, tokenizer, seed: int, report: BuildReport, base
     rng = random.Random(stable_seed(seed, sample.id + "/yesno"))
     negated = rng.random() < 0.5
     prompt = sample.yes_no[negated].format(sample.correct)
-    replacement, rejected = replace_word(tokenizer, prompt, word_span(prompt, sample.correct),
-                                         [w for w in sample.str_candidates if w != sample.correct], rng)
-    report.str_rejected_candidates += rejected
-    if replacement is None:
-        report.skipped["text_str_yesno: no contrast word of equal token length"] += 1
+    swap = _swap_words(tokenizer, "text_str_yesno", prompt, [word_span(prompt, sample.correct)],
+                       [[w for w in sample.str_candidates if w != sample.correct]], rng, report)
+    if swap is None:
         return []
-    answers = ("no", "yes") if negated else ("yes", "no")
+    correct, incorrect = ("no", "yes") if negated else ("yes", "no")
+    corrupt_prompt = swap.pop("prompt")
     meta = {k: v for k, v in base.items() if k != "correct_first"}  # no options: the polarity is balanced instead
-    meta.update(negated=negated, str={"positions": replacement.positions, "replaced": replacement.replaced,
-                                      "replacement": replacement.replacement})
+    meta.update(negated=negated, str=dict(swap, form="yes/no"),
+                answer_tokens=answer_token_record(tokenizer, prompt, None, correct))
     return [Pair(id=f"{sample.id}/text_str_yesno", task=sample.task, corruption="text_str_yesno",
                  clean_image=sample.clean_image, corrupt_image=sample.clean_image, clean_prompt=prompt,
-                 corrupt_prompt=replacement.prompt, correct=answers[0], incorrect=answers[1], metadata=meta)]
+                 corrupt_prompt=corrupt_prompt, correct=correct, incorrect=incorrect, metadata=meta)]
+
+
+def answer_token_record(tokenizer, prompt: str, span: tuple[int, int] | None, answer: str) -> dict[str, Any]:
+    """Where the right answer sits among the question's tokens, recorded while the model's tokenizer
+    is at hand, so that the NOTICE paper's head rule (notice.analysis.paper_rule) reads results
+    tables without loading a model.
+
+    tokens: the question tokenized alone (special tokens included); question: the [start, end) of
+    its non-special tokens; positions: the tokens covering the answer word's span; first_piece:
+    the answer's first token when tokenized alone; code_position: the index the research code reads,
+    the first question token (special tokens excluded, lower-cased) that contains that piece."""
+    encoded = tokenizer(prompt, return_special_tokens_mask=True)
+    body = [i for i, special in enumerate(encoded["special_tokens_mask"]) if not special]
+    code_piece = tokenizer.tokenize(answer.strip().lower())[0]
+    code_tokens = tokenizer.tokenize(prompt.strip().lower())
+    return {"tokens": tokenizer.convert_ids_to_tokens(encoded["input_ids"]),
+            "question": [body[0], body[-1] + 1] if body else [0, 0],
+            "positions": token_positions(tokenizer, prompt, span) if span is not None else [],
+            "first_piece": tokenizer.tokenize(answer)[0],
+            "code_position": next((i for i, token in enumerate(code_tokens) if code_piece in token), None)}
 
 
 def _option_span(sample: Sample) -> tuple[int, int]:
@@ -230,13 +280,23 @@ def pair_up(classes: dict[str, list[Path]], contrasts: Callable[[str], Sequence[
     return matches
 
 
+def both_options_pool(options: Sequence[str], vocabulary: Iterable[str], related: Callable[[str], Iterable[str]],
+                      question_words: Iterable[str] = ()) -> tuple[str, ...]:
+    """Contrast words for the paper's two-word STR: the task's vocabulary without the options,
+    their near-synonyms (`related`) and the question's other words."""
+    banned = set(options) | set(question_words)
+    for option in options:
+        banned |= set(related(option))
+    return tuple(w for w in vocabulary if w not in banned)
+
+
 def choice_order(rng: random.Random, a: str, b: str) -> tuple[str, str]:
     return (a, b) if rng.random() < 0.5 else (b, a)
 
 
 def both_directions(sample_id: str, task: str, first: tuple[str, Path], second: tuple[str, Path], prompt: str,
                     category_of: Callable[[str], str], candidates_of: Callable[[str], Sequence[str]],
-                    metadata: dict[str, Any]) -> list[Sample]:
+                    metadata: dict[str, Any], both_candidates: Mapping[str, Sequence[str]]) -> list[Sample]:
     """Two samples sharing one prompt: each image clean once with the other as its SMP partner,
     so the right answer stands first in one and second in the other."""
     out = []
@@ -244,7 +304,7 @@ def both_directions(sample_id: str, task: str, first: tuple[str, Path], second: 
         out.append(Sample(id=f"{sample_id}-{direction}", task=task, clean_image=str(image),
                           corrupt_image=str(other_image), prompt=prompt, correct=answer, incorrect=other,
                           category=category_of(answer), str_candidates=candidates_of(answer),
-                          metadata=dict(metadata, direction=direction)))
+                          metadata=dict(metadata, direction=direction), str_both_candidates=both_candidates))
     return out
 
 

@@ -168,7 +168,7 @@ def pixel_color(pixels: np.ndarray) -> str:
     """The palette colour covering the most pixels (shape fills are exact palette values)."""
     flat = pixels.reshape(-1, 3)
     counts = {name: int(np.all(flat == rgb, axis=1).sum()) for name, rgb in PALETTE.items()}
-    return max(counts, key=counts.get)
+    return max(counts, key=lambda name: counts[name])
 
 
 _SHAPE_RE = re.compile(r"\b(circle|rectangle|triangle)\b")
@@ -259,9 +259,9 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
 
     kind "color": the same picture with the shape recoloured; kind "shape": a different shape
     drawn in the same box and colour. Coverage masks of both objects are saved as PNG."""
-    from notice.corrupt.image import recolor, redraw, save_mask
-    from notice.io import load_image
-    from notice.tasks.common import Sample, choice_order, steps
+    from notice.io import load_image, save_mask
+    from notice.tasks.common import Sample, both_options_pool, choice_order, steps
+    from notice.tasks.shape_edits import recolor, redraw
 
     if kind not in ("color", "shape"):
         raise ValueError(f"easy-VQA minimal pairs are 'color' or 'shape', not {kind!r}")
@@ -293,7 +293,7 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
         else:
             new = rng.choice([s for s in SHAPES if s != shape])
             corrupt, old_alpha, new_alpha = redraw(pixels, color, new)
-            answers, vocabulary, template = (shape, new), SHAPES, SHAPE_CHOICE
+            answers, vocabulary, template = (str(shape), new), SHAPES, SHAPE_CHOICE
         if not (old_alpha > 0).any():
             bad("no shape found", f"image {path}: no {color} shape found on a uniform background")
             continue
@@ -309,6 +309,7 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
             corrupt_mask = clean_mask  # the recoloured object covers the same pixels
         a, b = choice_order(rng, *answers)
         prompt = template.format(a=a, b=b)
+        pool = both_options_pool(answers, vocabulary, lambda word: ())  # palette colours and shapes: no synonyms
         meta = {"image_id": image_id, "split": split, "color": color, "shape": shape}
         for direction, (right, wrong), (clean, other), (mask, other_mask) in (
                 ("forward", answers, (str(path), str(corrupt_path)), (clean_mask, corrupt_mask)),
@@ -317,5 +318,5 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
                 id=f"{task}-{stem}-{direction}", task=task, clean_image=clean, corrupt_image=other, prompt=prompt,
                 correct=right, incorrect=wrong, category=right, str_candidates=vocabulary,
                 metadata=dict(meta, direction=direction, clean_mask=str(mask), corrupt_mask=str(other_mask)),
-                noise_positions="object", yes_no=YES_NO_FORMS[kind]))
+                noise_positions="object", str_both_candidates={a: pool, b: pool}, yes_no=YES_NO_FORMS[kind]))
     return samples

@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from notice.errors import NoticeError
-from notice.tasks.common import Bad, BuildReport, Sample, both_directions, choice_order, class_images, pair_up
-from notice.tasks.common import steps
+from notice.tasks.common import Bad, BuildReport, Sample, both_directions, both_options_pool, choice_order
+from notice.tasks.common import class_images, pair_up, steps
 
 TASK = "facial-expressions"
 PROMPT = "is this person feeling {a} or {b}?"
@@ -35,9 +35,30 @@ STR_WORDS = {
 }
 
 
+# Adjectives one face could show at once: the paper's two-word STR never swaps an option for
+# a near-synonym of either option.
+NEAR_SYNONYMS: tuple[frozenset[str], ...] = tuple(frozenset(g) for g in (
+    {"happy", "cheerful", "glad", "joyful", "pleased", "delighted", "content", "amused"},
+    {"relaxed", "content", "calm"}, {"hopeful", "grateful", "proud"},
+    {"angry", "furious", "annoyed"}, {"sad", "miserable", "gloomy", "upset", "lonely"},
+    {"fearful", "scared", "nervous", "worried", "anxious"}, {"disgusted", "annoyed"}, {"ashamed", "jealous"},
+    {"neutral", "calm", "bored", "thoughtful"}, {"surprised", "puzzled", "confused", "curious"},
+))
+
+
 def opposite_words(adjective: str) -> tuple[str, ...]:
     """STR contrast words: adjectives of the opposite sentiment."""
     return tuple(w for s in OPPOSITE[SENTIMENT[adjective]] for w in STR_WORDS[s])
+
+
+def near_synonyms(adjective: str) -> frozenset[str]:
+    return frozenset({adjective}).union(*(g for g in NEAR_SYNONYMS if adjective in g))
+
+
+def both_contrasts(a: str, b: str) -> dict[str, tuple[str, ...]]:
+    """The paper's two-word STR: each option becomes an adjective of its own opposite sentiment,
+    never a near-synonym of either option."""
+    return {option: both_options_pool((a, b), opposite_words(option), near_synonyms) for option in (a, b)}
 
 
 def samples(data: Path | None, files, split: str | None, seed: int, limit: int | None, bad: Bad,
@@ -73,5 +94,5 @@ def samples(data: Path | None, files, split: str | None, seed: int, limit: int |
         a, b = choice_order(rng, emotion, other)
         out += both_directions(f"{TASK}-{index:06d}", TASK, (emotion, image), (other, other_image),
                                PROMPT.format(a=a, b=b), lambda adj: adj, opposite_words,
-                               {"emotions": [emotion, other], "split": split})
+                               {"emotions": [emotion, other], "split": split}, both_contrasts(a, b))
     return out

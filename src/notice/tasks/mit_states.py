@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from notice.tasks.common import Bad, BuildReport, Sample, both_directions, choice_order, class_images, pair_up
-from notice.tasks.common import steps
+from notice.tasks.common import Bad, BuildReport, Sample, both_directions, both_options_pool, choice_order
+from notice.tasks.common import class_images, pair_up, steps
 
 TASK = "mit-states"
 PROMPT = "is this {noun} {a} or {b}?"
@@ -100,7 +100,10 @@ def samples(data: Path | None, files, split: str | None, seed: int, limit: int |
         adjective, _, noun = name.partition(" ")
         other = other_name.partition(" ")[0]
         a, b = choice_order(rng, adjective, other)
+        # the paper's two-word STR draws from every adjective, never a near-synonym of either option
+        pool = both_options_pool((a, b), CATEGORY_OF, near_synonyms, noun.split())
         out += both_directions(f"{TASK}-{index:06d}", TASK, (adjective, image), (other, other_image),
                                PROMPT.format(noun=noun, a=a, b=b), lambda adj: CATEGORY_OF[adj], contrasts,
-                               {"noun": noun, "states": [adjective, other], "state_category": CATEGORY_OF[adjective]})
+                               {"noun": noun, "states": [adjective, other], "state_category": CATEGORY_OF[adjective]},
+                               {a: pool, b: pool})
     return out

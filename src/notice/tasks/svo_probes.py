@@ -2,8 +2,9 @@
 
 Each row pairs a positive image (its triplet, e.g. man,ride,horse) with a negative image that
 differs in exactly one role (subject, verb or object). Both directions become samples with
-one two-way prompt about that role; STR swaps the right word for another word of the same
-role from the dataset (verbs in the same -ing inflection).
+one two-way prompt about that role; STR swaps the right word (or, in the paper's form, both
+options) for other words of the same role from the dataset (verbs in the same -ing inflection),
+never a word of the question's triplets.
 """
 
 from __future__ import annotations
@@ -150,5 +151,6 @@ def samples(data: Path | None, files, split: str | None, seed: int, limit: int |
             out.append(Sample(id=f"{TASK}-{number:06d}-{direction}", task=TASK, clean_image=str(clean),
                               corrupt_image=str(corrupt), prompt=prompt, correct=answer, incorrect=other,
                               category=role, str_candidates=candidates,
-                              metadata=dict(meta, direction=direction)))
+                              metadata=dict(meta, direction=direction),
+                              str_both_candidates={right: candidates, wrong: candidates}))
     return out

@@ -36,17 +36,26 @@ STAGE2 = """The whole model learns to answer easy-VQA's training questions, two 
    questions of each kind per image (the answer order random), and two yes/no questions per image
    that name its own colour in easy-VQA's wording, one asserting and one negated. easy-VQA itself
    names the shown colour one time in eight, and a model trained on it alone answers those
-   questions as if the colour were absent. A linear probe, discarded afterwards, reads {where}
-   and predicts whether the colour or shape a yes/no question names is shown (the answer, flipped
-   for a negated question): one comparison shared by both forms."""
+   questions as if the colour were absent. A linear probe, discarded afterwards, reads
+   {where} and predicts whether the colour or shape a yes/no question
+   names is shown (the answer, flipped for a negated question): one comparison shared by both forms."""
+
+
+BLIP_SCORING = """An answer is right when the first answer step's argmax over the whole
+vocabulary is the answer's token (every answer is one token here, so this is greedy generation's
+answer). Reproduce with `notice evaluate --split test` (`make model-card`)."""
+LLAVA_SCORING = """An answer is right when the argmax over the whole vocabulary of the next-token
+logits after the prompt is the answer's token (every answer is one token here, so this is greedy
+generation's answer). Reproduce with `notice evaluate --model easyvqa-llava`."""
 
 
 def _accuracy_table(test: dict, how: str) -> str:
     rows = "\n".join(f"| {KIND_NAMES[k]} | {test['counts'][k]} | {100 * v:.2f}% |" for k, v in test["accuracy"].items())
     return f"""## Accuracy on the easy-VQA test split
 {test['images']} images, {test['questions']} questions (easy-VQA's own, plus two two-way choice
-questions per kind and image, seed {test['seed']}). {how} The yes/no rows naming the shown colour
-are easy-VQA's own questions of that kind, counted also under yes/no.
+questions per kind and image, seed {test['seed']}). The yes/no rows naming the shown colour are
+easy-VQA's own questions of that kind, counted also under yes/no.
+{how}
 
 | question kind | questions | accuracy |
 |---|---|---|
@@ -84,7 +93,7 @@ minutes; it is not a general VQA model.
 1. The vision encoder learns colour and shape as image classification: linear probes on the
    mean patch state (colour, shape) and on every patch (background, or the colour and the shape
    covering it), discarded afterwards. Per-patch targets teach a from-scratch ViT shapes far sooner.
-2. {STAGE2.format(where="the text encoder's [CLS] state, which the answer decoder reads,")}
+2. {STAGE2.format(where="the text encoder's [CLS] state (the answer decoder reads it)")}
 Images are augmented with horizontal flips (easy-VQA's triangles always point up). AdamW, cosine schedule with warm-up.
 Trained in {card['train_minutes']} minutes on a shared 2-core CPU.
 
@@ -92,7 +101,7 @@ Trained in {card['train_minutes']} minutes on a shared 2-core CPU.
 |---|---|
 {recipe}
 
-{_accuracy_table(card["test"], "An answer is right when the first answer step's argmax over the whole vocabulary is the answer's token (every answer is one token here, so this is greedy generation's answer). Reproduce with `notice evaluate --split test` (`make model-card`).")}
+{_accuracy_table(card["test"], BLIP_SCORING)}
 ## How the yes/no questions about the shown colour were learnt
 Measured while developing this recipe, on the first 300 test images (about 100 questions of each form):
 - easy-VQA's questions alone (the previous recipe): asserting 14%, negated 0% on the whole split;
@@ -157,4 +166,4 @@ Trained in {card['train_minutes']} minutes on a shared 2-core CPU.
 |---|---|
 {recipe}
 
-{_accuracy_table(card["test"], "An answer is right when the argmax over the whole vocabulary of the next-token logits after the prompt is the answer's token (every answer is one token here, so this is greedy generation's answer). Reproduce with `notice evaluate --model easyvqa-llava`.")}"""
+{_accuracy_table(card["test"], LLAVA_SCORING)}"""

@@ -104,7 +104,7 @@ def build_model(recipe: LlavaRecipe, tokenizer):
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     grid = recipe.image_size // recipe.patch_size
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,  # type: ignore[call-arg]
                          image_seq_length=grid * grid, vision_feature_layer=-1,
                          vision_feature_select_strategy="default", pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(recipe.seed)
@@ -197,7 +197,7 @@ def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=pr
     data = TrainingData.load(processor.image_processor, train_questions)
     log(f"easy-VQA train: {data.summary()}, vocabulary {len(processor.tokenizer)}")
     # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
-    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data, log)
+    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data, log)  # type: ignore[arg-type]
     pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
     probe = torch.nn.Linear(recipe.lm_hidden, 2)
     run_stage2(model, recipe, pixels, image_index, questions_by_image,

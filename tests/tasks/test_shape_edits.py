@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import helpers
-from notice.corrupt.image import load_mask, recolor, redraw, save_mask, shape_alpha
+from notice.io import load_mask, save_mask
+from notice.tasks.shape_edits import recolor, redraw, shape_alpha
 from notice.tasks import easy_vqa
 from notice.tasks.easy_vqa import PALETTE, object_alpha, pixel_color
 

@@ -1,4 +1,4 @@
-"""Semantic Minimal Pair helpers for drawn images: recolour a shape exactly, or redraw it.
+"""easy-VQA's Semantic Minimal Pairs, pixel by pixel: recolour a shape exactly, or redraw it.
 
 An easy-VQA picture is a uniform background with one anti-aliased shape. Every pixel is a
 blend `background * (1 - a) + fill * a` with coverage `a` (`object_alpha`), so a new
@@ -7,8 +7,6 @@ original only where the object is. Masks are stored as 8-bit PNG (coverage * 255
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,16 +75,3 @@ def redraw(pixels: np.ndarray, color: str, new_shape: str) -> tuple[np.ndarray, 
     out[touched] = composite(background, PALETTE[color], new_alpha)[touched]
     return out, old_alpha, new_alpha
 
-
-def save_mask(alpha: np.ndarray, path: str | Path) -> Path:
-    """Write a coverage map as an 8-bit greyscale PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(np.rint(alpha * 255), 0, 255).astype(np.uint8), mode="L").save(path)
-    return path
-
-
-def load_mask(path: str | Path) -> np.ndarray:
-    """A mask PNG as coverage in [0, 1], [H, W] float."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"), dtype=np.float64) / 255.0

@@ -1,0 +1,292 @@
+"""What decoder-only VLMs share: a causal language model reading image tokens in its own sequence.
+
+    pixel_values ──vision tower──▶ vision states ──projector──▶ image features [B, I, D]
+    input_ids, image placeholders expanded to I tokens whose embeddings become the features
+      ──language model (causal, rotary positions, grouped-query attention)──▶ logits at the last position
+
+Streams: `vision` (the tower's layers that feed the projector), `projector` (one layer: the image
+features, positions 0..I-1) and `lm` (positions index the expanded input ids). A head of
+`lm.L.self_attn.headH` is a query head: its values before the output projection, so patching one
+query head never touches the keys or values its group shares. Patched LM rows rerun only from the
+first position a patch can change, over the receiving run's cached keys and values before it, and
+each row from the layer after its own patch (cells of every layer share one call).
+A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt template.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from notice.errors import NoticeError
+from notice.models.base import ImageAttention, ModelAdapter, PatchBatch, Run, Trace, check_batch, grid_labels
+from notice.models.blocks.prenorm import Rope, causal_mask
+
+
+class ImageTokenAdapter(ModelAdapter):
+    cross_layer_streams = frozenset({"lm"})
+    answer_batch_size = 16
+    image_token_id: int
+    lm_path: str  # the language model's decoder (embed_tokens, layers, norm, rotary_emb)
+
+    @property
+    def lm(self):
+        return self.model.get_submodule(self.lm_path)
+
+    @property
+    def word_embeddings(self) -> torch.nn.Embedding:
+        return self.lm.embed_tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations run in (4-bit weights compute in the embeddings' dtype)."""
+        return self.lm.embed_tokens.weight.dtype
+
+    # ----------------------------------------------------------------- prompts
+    def prompt(self, question: str) -> str:
+        return chat_prompt(self.processor, question)
+
+    @classmethod
+    def prompt_ids(cls, processor, question: str) -> list[int]:
+        """The expanded ids of a question's prompt (an image of any size gives the same expansion)."""
+        encoded = processor(images=[Image.new("RGB", (8, 8))], text=[chat_prompt(processor, question)],
+                            return_tensors="pt")
+        return encoded["input_ids"][0].tolist()
+
+    def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
+        """Processor inputs for one batch; the prompts must tokenize to one length."""
+        check_batch(images, questions)
+        encoded = self.processor(images=list(images), text=[self.prompt(q) for q in questions], return_tensors="pt",
+                                 padding=True)
+        if not bool(encoded["attention_mask"].all()):
+            raise ValueError("prompts of one batch must have the same token length; use batches_by_length")
+        encoded = encoded.to(self.device).to(self.dtype)
+        self.image_positions(encoded["input_ids"][0])  # checks the expansion once per batch
+        return encoded
+
+    def _prompt_offsets(self, question: str) -> tuple[list[tuple[int, int]], int, int]:
+        """Character spans of the unexpanded prompt's tokens, where the question starts in it, and how
+        many positions the image placeholders add (the question follows the image)."""
+        prompt = self.prompt(question)
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        return encoded["offset_mapping"], prompt.rindex(question), self.token_length(question) - len(encoded["input_ids"])
+
+    def question_positions(self, question: str) -> list[int]:
+        """Positions of the tokens that spell the question within the full prompt."""
+        offsets, begin, shift = self._prompt_offsets(question)
+        end = begin + len(question)
+        return [i + shift for i, (a, b) in enumerate(offsets) if b > a and a < end and b > begin]
+
+    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+        """Positions of the question tokenized alone (special tokens included) in the full prompt,
+        matched by the characters they cover, after the image placeholders are expanded."""
+        alone = self.tokenizer(question, return_offsets_mapping=True)["offset_mapping"]
+        spans = [alone[p] for p in positions if alone[p][1] > alone[p][0]]
+        offsets, begin, shift = self._prompt_offsets(question)
+        return [i + shift for i, (a, b) in enumerate(offsets)
+                if b > a and any(a - begin < end and b - begin > start for start, end in spans)]
+
+    # --------------------------------------------------------------- positions
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The LM positions holding image features, in feature order, of one prompt's ids [T]."""
+        where = (input_ids == self.image_token_id).nonzero().flatten()
+        if len(where) != self.image_token_count():
+            raise NoticeError(f"the prompt holds {len(where)} image tokens, not {self.image_token_count()}: "
+                              "put exactly one image in the prompt")
+        return where
+
+    def answer_position(self, input_ids: torch.Tensor) -> int:
+        """The last prompt position: its output is the answer's first token."""
+        return int(input_ids.shape[-1]) - 1
+
+    def num_positions(self, run: Run) -> dict[str, int]:
+        rows, cols, _ = self.patch_grid
+        return {"vision": self.vision_positions(), "projector": self.image_token_count(),
+                "lm": int(run.inputs.input_ids.shape[1])}
+
+    def vision_positions(self) -> int:
+        rows, cols, _ = self.patch_grid
+        return rows * cols + 1  # [CLS] + patches
+
+    def position_labels(self, run: Run) -> dict[str, list[str]]:
+        rows, cols, _ = self.patch_grid
+        ids = run.inputs.input_ids[0]
+        tokens = self.tokenizer.convert_ids_to_tokens(ids.tolist())
+        features = self.feature_labels()
+        for feature, position in zip(features, self.image_positions(ids).tolist()):
+            tokens[position] = f"<image {feature}>"
+        return {"vision": ["[CLS]"] + grid_labels(rows, cols), "projector": features, "lm": tokens}
+
+    def feature_labels(self) -> list[str]:
+        rows, cols, _ = self.patch_grid
+        return grid_labels(rows, cols)
+
+    # ------------------------------------------------------------------ stages
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed_tokens(input_ids)
+
+    def merge(self, input_ids: torch.Tensor, token_embeddings: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The LM's input [B, T, D]: token embeddings with the image features at the image positions."""
+        mask = (input_ids == self.image_token_id)[..., None]
+        return token_embeddings.masked_scatter(mask, features.to(token_embeddings.dtype))
+
+    def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.answer_step_logits(self.merge(inputs.input_ids, token_embeddings, image_states),
+                                       inputs.input_ids[:, :0])[:, 0]
+
+    def answer_context(self, inputs) -> torch.Tensor:
+        features = self.encode_image(self.embed_image(inputs.pixel_values))
+        return self.merge(inputs.input_ids, self.embed_tokens(inputs.input_ids), features)
+
+    def answer_step_logits(self, prompt: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1 + K, V] of the answer steps after the prompt embeddings and a prefix [B, K]."""
+        embeds = torch.cat([prompt, self.embed_tokens(prefix)], dim=1)
+        hidden = self.lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden[:, -(prefix.shape[1] + 1):])
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+        answers: list[str] = [""] * len(questions)
+        for index in self.batches_by_length(questions, self.answer_batch_size):
+            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
+            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+            for i, text in zip(index, self.tokenizer.batch_decode(ids[:, inputs.input_ids.shape[1]:],
+                                                                  skip_special_tokens=True)):
+                answers[i] = text.strip()
+        return answers
+
+    # ------------------------------------------------------------ the LM's facts
+    def rope(self, cache: dict, start: int, count: int, layer: int) -> Rope:
+        """cos, sin [1, count, d] of positions start..start+count-1 for a layer (plain 1-D positions, the
+        same for every layer: computed once per span and kept in the run's cache)."""
+        known = cache.setdefault("rope", {})
+        if (start, count) not in known:
+            positions = torch.arange(start, start + count, device=self.device)[None]
+            known[start, count] = self.lm.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+        return known[start, count]
+
+    def lm_mask(self, cache: dict, layer: int, start: int, count: int) -> torch.Tensor | None:
+        """Which keys each rerun query sees (causal), kept in the run's cache per span."""
+        known = cache.setdefault("mask", {})
+        if (start, count) not in known:
+            known[start, count] = causal_mask(start, count, self.device)
+        return known[start, count]
+
+    def rerun_start(self, cache: dict, position: int) -> int:
+        """The first position a patch at `position` can change (later positions only, in a causal LM)."""
+        return position
+
+    # ---------------------------------------------------------------- patching
+    def traced_streams(self, streams: set[str]) -> set[str]:
+        return set(streams) | {"lm", "projector"}
+
+    def trace_cache(self, run: Run, acts, kept) -> dict:
+        """Each LM layer's rotated keys and values [1, KVH, T, d]: the prefix of every rerun."""
+        ids = run.inputs.input_ids[0]
+        cache: dict = {"image_positions": self.image_positions(ids)}
+        cache["kv"] = [block.keys_values(block.attn_norm(acts[("lm", l)]["x"][None]), self.rope(cache, 0, len(ids), l))
+                       for l, block in enumerate(self.blocks["lm"])]
+        return cache
+
+    @torch.no_grad()
+    def patched_logits(self, receiving: Trace, source: Trace, batches: Sequence[PatchBatch]) -> torch.Tensor:
+        stream, layer = batches[0].stream, batches[0].layer
+        assert all(b.stream == stream for b in batches), "one stream per call"
+        assert stream in self.cross_layer_streams or all(b.layer == layer for b in batches), "one layer per call"
+        if stream == "lm":
+            first = self.rerun_start(receiving.cache, min(int(b.positions.min()) for b in batches))
+            entering: dict[int, list[torch.Tensor]] = {}
+            for b in batches:
+                entering.setdefault(b.layer + 1, []).append(self.patched_layer(receiving, source, b, first))
+            logits = self.run_lm_from(receiving, {l: torch.cat(rows) for l, rows in entering.items()}, first)
+            return logits[rows_in_given_order(batches)]
+        image_positions = receiving.cache["image_positions"]
+        if stream == "vision":
+            hidden = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
+            features, first = self.vision_rerun(hidden, layer), 0
+        else:
+            features = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
+            first = min(int(b.positions.min()) for b in batches)
+        lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
+        lm_input[:, image_positions] = features.to(lm_input.dtype)
+        start = self.rerun_start(receiving.cache, int(image_positions[first]))
+        return self.run_lm_from(receiving, {0: lm_input[:, start:]}, start)
+
+    def run_lm_from(self, receiving: Trace, entering: dict[int, torch.Tensor], start: int) -> torch.Tensor:
+        """Logits [N, V] of rows entering the LM at the input of layer l (entering[l]: [n_l, Q, D] at positions
+        start..T-1; l = the number of layers: after the last), rows coming out in order of l."""
+        blocks, cache = self.blocks["lm"], receiving.cache
+        count = next(iter(entering.values())).shape[1]
+        hidden = None
+        for l in range(min(entering), len(blocks) + 1):
+            if l in entering:
+                hidden = entering[l] if hidden is None else torch.cat([hidden, entering[l]])
+            if l == len(blocks):
+                break
+            prefix = tuple(t[:, :, :start] for t in cache["kv"][l])
+            hidden = blocks[l].forward(hidden, self.rope(cache, start, count, l), prefix,
+                                       self.lm_mask(cache, l, start, count))
+        assert hidden is not None, "rows enter before the last layer's output"
+        return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
+
+    @abstractmethod
+    def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Image features [N, I, D] from the vision stream's rows [N, P, Dv] after layer `layer`."""
+
+    def full_patch_sites(self, modality: str) -> list[str]:
+        last = self.streams["lm"].layers - 1
+        if modality == "image":
+            return ["vision.0.layer@all", "projector.0.layer@all", f"lm.{last}.layer@all"]
+        return ["lm.0.layer@all", f"lm.{last}.layer@all"]
+
+    def cell_bytes(self, stream: str, num_positions: dict[str, int]) -> int:
+        lm, vision = self.streams["lm"], self.streams["vision"]
+        tokens = num_positions["lm"]
+        mlp = self.blocks["lm"][0].mlp
+        inner = max(m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear))
+        kv_heads = self.blocks["lm"][0].kv_heads
+        floats = 12 * tokens * lm.hidden + 3 * tokens * inner + 3 * lm.heads * tokens * tokens
+        floats += 4 * self.vocab_size + 2 * lm.layers * tokens * kv_heads * lm.head_dim
+        if stream == "vision":
+            images = num_positions["vision"]
+            floats += 16 * images * vision.hidden + 3 * vision.heads * images * images
+        return floats * max(self.dtype.itemsize, 4)
+
+    # ---------------------------------------------------------- head functions
+    @torch.no_grad()
+    def image_attention(self, image: Image.Image, question: str, answer: str) -> ImageAttention:
+        """LM self-attention to the image tokens of the grid, read at the last prompt position, where
+        the answer is read out."""
+        run = Run(self.prepare([image], [question]))
+        trace = self.trace(run, {"lm"})
+        count = trace.num_positions["lm"]
+        grid = self.grid_positions(trace.cache["image_positions"])
+        weights = torch.stack([block.attention_weights(trace.acts[("lm", l)]["x"][None],
+                                                       self.rope(trace.cache, 0, count, l),
+                                                       self.lm_mask(trace.cache, l, 0, count))[0][..., grid]
+                               for l, block in enumerate(self.blocks["lm"])])  # [L, H, T, I]
+        rows, cols, _ = self.patch_grid
+        return ImageAttention("lm", "self_attn", weights, trace.acts[("lm", 0)]["x"][grid].float(), count - 1,
+                              (rows, cols))
+
+    def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
+        """The LM positions of the image tokens that are grid patches, row-major."""
+        return image_positions
+
+
+def chat_prompt(processor, question: str) -> str:
+    """The question in the model's chat template, one image before it, ending where the answer starts."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def rows_in_given_order(batches: Sequence[PatchBatch]) -> torch.Tensor | slice:
+    """run_lm_from returns rows grouped by entering layer (stable); this index puts them back."""
+    layers = [b.layer for b in batches for _ in range(len(b))]
+    if layers == sorted(layers):
+        return slice(None)
+    return torch.argsort(torch.argsort(torch.tensor(layers), stable=True))
