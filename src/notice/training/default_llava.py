@@ -50,11 +50,11 @@ class LlavaRecipe:
     choice_per_kind: int = 2
     shown_color_per_image: int = 2
     presence_weight: float = 0.5
-    max_shift: int = 0
-    stage1_epochs: int = 12
+    max_shift: int = 6  # 16 px patches meet small shapes at few alignments: translate by up to 6 px
+    stage1_epochs: int = 20
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 6
+    stage2_epochs: int = 10
     images_per_step: int = 32
     questions_per_image: int = 6
     stage2_lr: float = 1e-3
