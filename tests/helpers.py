@@ -292,3 +292,13 @@ def yes_no_answers_about_colour(adapter, images: int = 40) -> tuple[float, float
     right = [int(row.argmax()) == ids[a] for row, a in zip(logits, answers)]
     return (float(np.mean([r for r, s in zip(right, shown) if s])),
             float(np.mean([r for r, s in zip(right, shown) if not s])))
+
+
+def card_accuracies(folder: Path) -> dict[str, float]:
+    """An embedded model's accuracy per question kind as its card.json states it; every kind is there."""
+    import json
+
+    accuracy = json.loads((Path(folder) / "card.json").read_text())["test"]["accuracy"]
+    assert {"yes/no", "yes/no shown color, asserting", "yes/no shown color, negated", "color", "shape",
+            "choice"} <= set(accuracy), accuracy
+    return accuracy
