@@ -3,12 +3,15 @@
 Two stages, both seeded:
   1. the vision encoder learns colour and shape as image classification (linear probes
      on the mean patch state and on every patch, thrown away afterwards): shapes are the
-     slow part of easy-VQA for a ViT trained from scratch, per-patch targets (background
-     or the shape covering the patch) teach them several times faster, and this stage is cheap;
-  2. the whole model learns to answer easy-VQA's questions plus two-way choice
-     questions ("is the shape red or blue?"), with each image's vision pass shared
-     by its questions.
-Images are augmented by horizontal flips, which keep colour and shape.
+     slow part of easy-VQA for a ViT trained from scratch, per-patch targets (background,
+     or the colour and the shape covering the patch) teach them several times faster, and
+     this stage is cheap;
+  2. the whole model learns to answer easy-VQA's questions plus two-way choice questions
+     ("is the shape red or blue?") and yes/no questions naming each image's own colour, with
+     each image's vision pass shared by its questions; a probe thrown away afterwards learns
+     whether the colour or shape a yes/no question names is shown (`presence_loss`).
+Images are augmented by horizontal flips, which keep colour and shape, and optionally by
+translations (`max_shift`).
 """
 
 from __future__ import annotations
