@@ -46,7 +46,7 @@ vocabulary is the answer's token (every answer is one token here, so this is gre
 answer). Reproduce with `notice evaluate --split test` (`make model-card`)."""
 LLAVA_SCORING = """An answer is right when the argmax over the whole vocabulary of the next-token
 logits after the prompt is the answer's token (every answer is one token here, so this is greedy
-generation's answer). Reproduce with `notice evaluate --model easyvqa-llava`."""
+generation's answer). Reproduce with `notice evaluate --model easyvqa-llava` (`make model-card`)."""
 
 
 def _accuracy_table(test: dict, how: str) -> str:
