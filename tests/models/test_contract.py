@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -256,3 +258,16 @@ def test_notice_patch_runs_an_answer_head_sweep_and_an_image_sweep(family, tmp_p
     assert set(table["stream"]) == {answer, image_stream} and table["ld"].notna().all()
     positions = adapter.num_positions(pair_runs(adapter, pairs["image_smp"])[0])
     assert len(table[table["stream"] == image_stream]) == 2 * positions[image_stream]
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+def test_attribution_patching_estimates_every_site_kind(family, method):
+    from notice.patching.attribution import attribute_pair
+
+    _, _, adapter, pairs = family
+    pair = pairs["image_smp"]
+    sites = [s for s in helpers.every_site_kind(adapter, pair) if not s.endswith("@all")]
+    estimate, exact = attribute_pair(adapter, pair, sites, method=method), patch_pair(adapter, pair, sites)
+    assert list(estimate["site"]) == list(exact["site"]) and list(estimate.columns) == list(exact.columns)
+    assert set(estimate["method"]) == {method} and estimate["p_correct"].isna().all()
+    assert np.isfinite(estimate["ld"]).all() and (estimate["score"] >= 0).all() and estimate["score"].max() > 0

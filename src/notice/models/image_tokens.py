@@ -23,6 +23,7 @@ from PIL import Image
 
 from notice.errors import NoticeError
 from notice.models.base import ImageAttention, ModelAdapter, PatchBatch, Run, Trace, check_batch, grid_labels
+from notice.models.blocks.attention import AttentionInputs
 from notice.models.blocks.prenorm import Rope, causal_mask
 
 
@@ -236,6 +237,13 @@ class ImageTokenAdapter(ModelAdapter):
     @abstractmethod
     def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         """Image features [N, I, D] from the vision stream's rows [N, P, Dv] after layer `layer`."""
+
+    def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
+        if stream != "lm":
+            return super().attention_inputs(trace, stream, layer, component)
+        count = trace.num_positions["lm"]
+        return self.blocks["lm"][layer].attention_inputs(trace.acts[("lm", layer)]["x"], self.rope(trace.cache, 0, count, layer),
+                                                         self.lm_mask(trace.cache, layer, 0, count))
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["lm"].layers - 1

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from notice.models.blocks.attention import attend, merge_heads, rotate, split_heads
+from notice.models.blocks.attention import AttentionInputs, attend, merge_heads, rotate, split_heads
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [1 or N, Q, d]
 
@@ -67,6 +67,11 @@ class EncoderBlock(PreNormBlock):
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)))
         return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, scale=self.scale))))
 
+    def attention_inputs(self, x: torch.Tensor) -> AttentionInputs:
+        """What the heads read for a layer input x [P, D]."""
+        q, k, v = (split_heads(t, self.heads)[0] for t in self.qkv(self.attn_norm(x[None])))
+        return AttentionInputs(q, k, v, None, self.scale or q.shape[-1] ** -0.5)
+
 
 @dataclass(kw_only=True)
 class DecoderBlock(PreNormBlock):
@@ -108,6 +113,13 @@ class DecoderBlock(PreNormBlock):
             values = torch.cat([prefix[1].expand(n, -1, -1, -1), values], dim=2)
         z = attend(self.queries(normed, rope), keys, values, mask, self.scale)
         return self.after_attention(hidden, self.attn_write(merge_heads(z)))
+
+    def attention_inputs(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> AttentionInputs:
+        """What the query heads read for a layer input x [T, D] (keys and values repeated per query head)."""
+        normed = self.attn_norm(x[None])
+        keys, values = (t[0].repeat_interleave(self.heads // self.kv_heads, dim=0) for t in self.keys_values(normed, rope))
+        return AttentionInputs(self.queries(normed, rope)[0], keys, values, mask,
+                               self.head_dim ** -0.5 if self.scale is None else self.scale)
 
     def attention_weights(self, hidden: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
         """Softmax attention [N, H, T, T] of the layer over its whole input [N, T, D] (eager, float32)."""
