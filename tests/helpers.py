@@ -268,3 +268,37 @@ def paper_str_pairs(task: str, data: Path, out: Path, tokenizer, seed: int = 0) 
     for pair in pairs:
         assert_both_options_swapped(pair, tokenizer)
     return pairs
+
+
+def yes_no_answers_about_colour(adapter, images: int = 40) -> tuple[float, float]:
+    """An embedded model's accuracy on yes/no questions about the first `images` easy-VQA test images,
+    (naming the shown colour, naming another one), each asked asserting and negated."""
+    from notice.io import load_image
+    from notice.tasks import easy_vqa
+
+    colors = easy_vqa.image_colors("test")
+    chosen = sorted(colors)[:images]
+    pictures, prompts, answers, shown = [], [], [], []
+    for image_id in chosen:
+        other = easy_vqa.COLORS[(easy_vqa.COLORS.index(colors[image_id]) + 3) % len(easy_vqa.COLORS)]
+        for color in (colors[image_id], other):
+            for form, negated in (("is there a {} shape?", False), ("is there not a {} shape?", True)):
+                pictures.append(load_image(easy_vqa.image_paths("test")[image_id]))
+                prompts.append(form.format(color))
+                answers.append("yes" if (color == colors[image_id]) != negated else "no")
+                shown.append(color == colors[image_id])
+    logits = adapter.answer_logits(pictures, prompts)
+    ids = {a: adapter.answer_token_ids(a)[0] for a in ("yes", "no")}
+    right = [int(row.argmax()) == ids[a] for row, a in zip(logits, answers)]
+    return (float(np.mean([r for r, s in zip(right, shown) if s])),
+            float(np.mean([r for r, s in zip(right, shown) if not s])))
+
+
+def card_accuracies(folder: Path) -> dict[str, float]:
+    """An embedded model's accuracy per question kind as its card.json states it; every kind is there."""
+    import json
+
+    accuracy = json.loads((Path(folder) / "card.json").read_text())["test"]["accuracy"]
+    assert {"yes/no", "yes/no shown color, asserting", "yes/no shown color, negated", "color", "shape",
+            "choice"} <= set(accuracy), accuracy
+    return accuracy

@@ -99,3 +99,24 @@ def test_report_rule_needs_the_pairs_and_a_known_name(run_folder, tmp_path):
     wrong = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "b"), "--rule", "paper"])
     assert wrong.exit_code == 2 and "unknown head-selection rule(s) paper" in wrong.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family", ["blip", "llava"])
+def test_demo_selects_48_pairs_for_every_condition_of_each_family(tmp_path, family):
+    """Colour and shape, each corrupted in the image (SMP) and in the text (yes/no STR), and a
+    Gaussian-noise baseline: every condition keeps at least 48 pairs on the embedded model."""
+    import json
+
+    from notice.models import load_model
+    from notice.pipeline import demo_configs, select_steps
+    from notice.select import selection_report_path
+
+    config = next(c for c in demo_configs(tmp_path) if c.model == f"easyvqa-{family}")
+    kept = {}
+    for path in select_steps(config, load_model(config.model)):
+        for corruption, counts in json.loads(selection_report_path(path).read_text())["by_corruption"].items():
+            kept[(path.stem, corruption)] = counts["kept"]
+    assert set(kept) == {("easyvqa-color", "image_smp"), ("easyvqa-color", "text_str_yesno"),
+                         ("easyvqa-shape", "image_smp"), ("easyvqa-shape", "text_str_yesno"),
+                         ("easyvqa-shape", "image_noise")}
+    assert min(kept.values()) >= 48, kept

@@ -200,7 +200,7 @@ def balance_pairs(pairs: Sequence[Pair], seed: int, max_per_cell: int | None = N
     cells: dict[tuple, dict[tuple, list[Pair]]] = defaultdict(lambda: defaultdict(list))
     for pair in pairs:
         group = (pair.task, pair.corruption)
-        cell = (str(pair.metadata.get("category", "")), bool(pair.metadata.get("correct_first", True)))
+        cell = (str(pair.metadata.get("category", "")), _answer_order(pair))
         cells[group][cell].append(pair)
     rng = random.Random(seed)
     keep: set[str] = set()
@@ -223,6 +223,14 @@ def balance_pairs(pairs: Sequence[Pair], seed: int, max_per_cell: int | None = N
                 count = len(members) if size is None else min(size, len(members))
                 keep.update(p.id for p in rng.sample(members, count))
     return [p for p in pairs if p.id in keep]
+
+
+def _answer_order(pair: Pair) -> bool:
+    """The order cell: whether the right option stands first in a two-way prompt, or for a yes/no prompt
+    whether it asserts (answer yes) rather than negates; neither may be confounded with an effect."""
+    if "negated" in pair.metadata:
+        return not pair.metadata["negated"]
+    return bool(pair.metadata.get("correct_first", True))
 
 
 def write_selection(selection: Selection, out: str | Path,
