@@ -8,6 +8,7 @@ weights where text meets the image. Adding a family to FAMILIES runs the whole s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 import helpers
+import tiny_qwen
 
 
 @dataclass(frozen=True)
@@ -85,4 +87,7 @@ def llava_eager_attention(adapter, inputs) -> torch.Tensor:
 FAMILIES = {
     "blip": Family("blip", helpers.TINY_BLIP["image_size"], save_blip, blip_native_logits, blip_eager_attention),
     "llava": Family("llava", helpers.TINY_LLAVA["image_size"], save_llava, llava_native_logits, llava_eager_attention),
+    # Qwen2-VL's own forward and attention read the same prepared inputs as LLaVA's
+    **{name: Family(name, 64, functools.partial(tiny_qwen.save_qwen, family=name), llava_native_logits,
+                    llava_eager_attention) for name in ("qwen2_vl", "qwen2_5_vl")},
 }

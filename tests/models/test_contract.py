@@ -53,7 +53,8 @@ def test_adapter_declares_its_streams_maps_and_blocks(family):
     assert sum(f.reads_answer for f in adapter.streams.values()) == 1
     described = adapter.describe()
     assert described["family"] == spec.name and set(described["streams"]) == set(adapter.streams)
-    assert described["image_tokens"] >= described["patch_grid"][0] * described["patch_grid"][1]
+    rows, cols = described["patch_grid"]
+    assert 0 < described["image_tokens"] <= rows * cols + 1  # one per patch, [CLS] too; fewer where patches merge
 
 
 def test_notice_info_lists_streams_and_sites(family):
@@ -118,13 +119,13 @@ def test_answers_scored_by_first_token_or_whole_sequence(family):
 # ------------------------------------------------------------------------- positions
 def test_positions_come_from_the_prepared_input(family):
     _, _, adapter, _ = family
-    _, inputs = _inputs(adapter)
+    images, inputs = _inputs(adapter)
     run = Run(inputs)
     counts = adapter.num_positions(run)
     labels = adapter.position_labels(run)
     assert set(counts) == set(adapter.streams) == set(labels)
     assert all(len(labels[s]) == counts[s] for s in counts)
-    assert adapter.token_length(QUESTION) == inputs.input_ids.shape[1] in counts.values()
+    assert adapter.input_length(images[0], QUESTION) == inputs.input_ids.shape[1] in counts.values()
     answer = next(s for s, f in adapter.streams.items() if f.reads_answer)
     sites = expand_sites([f"{answer}.0.layer@answer", f"{answer}.0.layer@last"], adapter.streams, counts)
     assert [s.position for s in sites] == [counts[answer] - 1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -173,7 +173,7 @@ class ModelAdapter(ABC):
 
     Public members (everything outside models/ uses only these): `family`, `name`, `model`,
     `tokenizer`, `streams`, `cross_layer_streams`, `device`, `dtype`, `from_pretrained`,
-    `answer_token_ids`, `token_length`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
+    `answer_token_ids`, `token_length`, `input_length`, `batch_key`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
     `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
     `patched_logits`, `hook_point`, `site_columns`, `full_patch_sites`, `cell_bytes`,
     `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
@@ -279,11 +279,24 @@ class ModelAdapter(ABC):
         model's input; the same for a model whose input is the question itself."""
         return list(positions)
 
-    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
-        """Index batches whose prompts share a token length: no padding ever enters a forward."""
-        groups: dict[int, list[int]] = {}
+    def input_length(self, image: Image.Image, question: str) -> int:
+        """The positions a question's prompt takes with this image: `token_length`, unless the family's
+        image-token count depends on the image (then `token_length` counts a reference image's)."""
+        return self.token_length(question)
+
+    def batch_key(self, image: Image.Image, question: str) -> Hashable:
+        """Inputs with one key may share a batch: the prompt's token length, for a family whose image
+        always takes the same positions; one whose image tokens depend on the image adds its grid."""
+        return self.token_length(question)
+
+    def batches_by_length(self, questions: Sequence[str], batch_size: int,
+                          images: Sequence[Image.Image] | None = None) -> list[list[int]]:
+        """Index batches whose prompts share a token length (with `images`, question i's image too:
+        its `batch_key`): no padding ever enters a forward."""
+        groups: dict[Any, list[int]] = {}
         for i, question in enumerate(questions):
-            groups.setdefault(self.token_length(question), []).append(i)
+            key = self.token_length(question) if images is None else self.batch_key(images[i], question)
+            groups.setdefault(key, []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
@@ -299,12 +312,12 @@ class ModelAdapter(ABC):
         states = None
         if unique is not None:  # encode each image once
             states = {}
-            for start in range(0, len(unique), size):
-                chunk = unique[start:start + size]
-                pixels = self.prepare([images[i] for i in chunk], ["?"] * len(chunk)).pixel_values
-                for i, row in zip(chunk, self.encode_image(self.embed_image(pixels))):
+            for rows in self.batches_by_length(["?"] * len(unique), size, [images[i] for i in unique]):
+                chunk = [unique[r] for r in rows]
+                prepared = self.prepare([images[i] for i in chunk], ["?"] * len(chunk))
+                for i, row in zip(chunk, self.encode_images(prepared, self.embed_images(prepared))):
                     states[i] = row
-        for index in self.batches_by_length(questions, size):
+        for index in self.batches_by_length(questions, size, [images[i] for i in image_index]):
             inputs = self.prepare([images[image_index[i]] for i in index], [questions[i] for i in index])
             if states is None:
                 logits = self.run_logits(Run(inputs))
@@ -327,7 +340,7 @@ class ModelAdapter(ABC):
             raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
         candidate_ids = [self.answer_token_ids(c) for c in candidates]
         scores = torch.empty(len(questions), len(candidates))
-        for index in self.batches_by_length(questions, self.answer_batch_size):
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
             context = self.answer_context(self.prepare([images[i] for i in index], [questions[i] for i in index]))
             for c, ids in enumerate(candidate_ids):
                 use = ids[:1] if scoring == "first_token" else ids
@@ -351,6 +364,15 @@ class ModelAdapter(ABC):
     @abstractmethod
     def encode_image(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Image embeddings → what the text side reads of the image."""
+
+    def embed_images(self, inputs) -> torch.Tensor:
+        """`embed_image` of prepared inputs' pixels, [B, I, Dv]. A family whose tower reads more of the
+        inputs than the embeddings (each image's patch grid) overrides this and `encode_images`."""
+        return self.embed_image(inputs.pixel_values)
+
+    def encode_images(self, inputs, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """`encode_image` of prepared inputs' image embeddings (noise may be on them)."""
+        return self.encode_image(image_embeddings)
 
     @abstractmethod
     def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
@@ -395,7 +417,7 @@ class ModelAdapter(ABC):
     @torch.no_grad()
     def run_logits(self, run: Run) -> torch.Tensor:
         """The plain forward of a run through the model's own modules: [B, V] float32."""
-        image, tokens = self.embed_image(run.inputs.pixel_values), self.embed_tokens(run.inputs.input_ids)
+        image, tokens = self.embed_images(run.inputs), self.embed_tokens(run.inputs.input_ids)
         if run.noise is not None:
             image, tokens = image.clone(), tokens.clone()
             for row, spec in enumerate(run.noise):
@@ -403,7 +425,7 @@ class ModelAdapter(ABC):
                     target = image if spec["stream"] == "vision" else tokens
                     target[row:row + 1] = add_noise(target[row:row + 1], spec,
                                                     self.embedding_sigma(spec["stream"], target[row:row + 1]))
-        return self.logits_from_states(run.inputs, self.encode_image(image), tokens).float()
+        return self.logits_from_states(run.inputs, self.encode_images(run.inputs, image), tokens).float()
 
     @abstractmethod
     def num_positions(self, run: Run) -> dict[str, int]:
@@ -572,23 +594,37 @@ def mask_patch_positions(mask: np.ndarray, grid: tuple[int, int], first_patch: i
     return [first_patch + int(i) for i in np.flatnonzero(touched.reshape(-1))]
 
 
+def first_row(activation: torch.Tensor) -> torch.Tensor:
+    """Row 0 [P, W] of a batch [B, P, W]. A packed tower (Qwen2-VL's vision blocks) holds one image's
+    positions as [P, W], without a batch dimension: that is its only row."""
+    return activation if activation.dim() == 2 else activation[0]
+
+
+def as_rows(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`edit` of [B, P, W] applied to a packed tower's one image [P, W] as a batch of one."""
+    def on_rows(activation: torch.Tensor) -> torch.Tensor:
+        return edit(activation[None])[0] if activation.dim() == 2 else edit(activation)
+    return on_rows
+
+
 def keep_output(module: torch.nn.Module, store: dict, name: str):
     """Keep a module's output (the first element of a tuple) of row 0 under `name`. Prepended, so it
     runs before a model's own output-recording hooks (transformers 5 reads tower states through them)."""
     def hook(_module, _args, output):
-        store[name] = (output[0] if isinstance(output, tuple) else output)[0].detach()
+        store[name] = first_row(output[0] if isinstance(output, tuple) else output).detach()
     return module.register_forward_hook(hook, prepend=True)
 
 
 def keep_input(module: torch.nn.Module, store: dict, name: str):
     """Keep a module's first input (positional or `hidden_states=`) of row 0 under `name`."""
     def hook(_module, args, kwargs):
-        store[name] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+        store[name] = first_row(args[0] if args else kwargs["hidden_states"]).detach()
     return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
 
 
 def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor]):
     """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward."""
+    edit = as_rows(edit)
     if kind == "input":
         def before(_module, args, kwargs):
             if args:

@@ -16,7 +16,7 @@ A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt t
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
@@ -29,6 +29,7 @@ from notice.models.blocks.prenorm import Rope, causal_mask
 class ImageTokenAdapter(ModelAdapter):
     cross_layer_streams = frozenset({"lm"})
     answer_batch_size = 16
+    prompt_image: ClassVar[tuple[int, int]] = (8, 8)  # (width, height) of the image `prompt_ids` expands
     image_token_id: int
     lm_path: str  # the language model's decoder (embed_tokens, layers, norm, rotary_emb)
 
@@ -51,8 +52,9 @@ class ImageTokenAdapter(ModelAdapter):
 
     @classmethod
     def prompt_ids(cls, processor, question: str) -> list[int]:
-        """The expanded ids of a question's prompt (an image of any size gives the same expansion)."""
-        encoded = processor(images=[Image.new("RGB", (8, 8))], text=[chat_prompt(processor, question)],
+        """The expanded ids of a question's prompt with an image of `prompt_image` size (any size gives
+        the same expansion, except in families whose image-token count depends on the image)."""
+        encoded = processor(images=[Image.new("RGB", cls.prompt_image)], text=[chat_prompt(processor, question)],
                             return_tensors="pt")
         return encoded["input_ids"][0].tolist()
 
@@ -89,6 +91,13 @@ class ImageTokenAdapter(ModelAdapter):
         return [i + shift for i, (a, b) in enumerate(offsets)
                 if b > a and any(a - begin < end and b - begin > start for start, end in spans)]
 
+    def resolve_noise(self, spec: dict[str, Any], prompt: str, run: Run, mask=None) -> dict[str, Any]:
+        resolved = super().resolve_noise(spec, prompt, run, mask)
+        if spec["stream"] == "text":  # the question follows the image: it moves with the run's image-token count
+            shift = int(run.inputs.input_ids.shape[1]) - self.token_length(prompt)
+            resolved["positions"] = [p + shift for p in resolved["positions"]]
+        return resolved
+
     # --------------------------------------------------------------- positions
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The LM positions holding image features, in feature order, of one prompt's ids [T]."""
@@ -97,6 +106,10 @@ class ImageTokenAdapter(ModelAdapter):
             raise NoticeError(f"the prompt holds {len(where)} image tokens, not {self.image_token_count()}: "
                               "put exactly one image in the prompt")
         return where
+
+    def text_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The LM positions holding text tokens (template and question) of one prompt's ids [T]."""
+        return (input_ids != self.image_token_id).nonzero().flatten()
 
     def answer_position(self, input_ids: torch.Tensor) -> int:
         """The last prompt position: its output is the answer's first token."""
@@ -137,8 +150,8 @@ class ImageTokenAdapter(ModelAdapter):
         return self.answer_step_logits(self.merge(inputs.input_ids, token_embeddings, image_states),
                                        inputs.input_ids[:, :0])[:, 0]
 
-    def answer_context(self, inputs) -> torch.Tensor:
-        features = self.encode_image(self.embed_image(inputs.pixel_values))
+    def answer_context(self, inputs) -> Any:
+        features = self.encode_images(inputs, self.embed_images(inputs))
         return self.merge(inputs.input_ids, self.embed_tokens(inputs.input_ids), features)
 
     def answer_step_logits(self, prompt: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
@@ -150,7 +163,7 @@ class ImageTokenAdapter(ModelAdapter):
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
         answers: list[str] = [""] * len(questions)
-        for index in self.batches_by_length(questions, self.answer_batch_size):
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
             inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
@@ -161,13 +174,18 @@ class ImageTokenAdapter(ModelAdapter):
 
     # ------------------------------------------------------------ the LM's facts
     def rope(self, cache: dict, start: int, count: int, layer: int) -> Rope:
-        """cos, sin [1, count, d] of positions start..start+count-1 for a layer (plain 1-D positions, the
-        same for every layer: computed once per span and kept in the run's cache)."""
+        """cos, sin [1, count, d] of positions start..start+count-1 for a layer (the same for every layer:
+        computed once per span and kept in the run's cache)."""
         known = cache.setdefault("rope", {})
         if (start, count) not in known:
-            positions = torch.arange(start, start + count, device=self.device)[None]
+            positions = self.rope_positions(cache, start, count)
             known[start, count] = self.lm.rotary_emb(torch.empty(0, dtype=self.dtype, device=self.device), positions)
         return known[start, count]
+
+    def rope_positions(self, cache: dict, start: int, count: int) -> torch.Tensor:
+        """Rotary position ids of positions start..start+count-1: plain [1, count]; a family with
+        multimodal positions (Qwen2-VL's M-RoPE, [3, 1, count]) reads them from the run's cache."""
+        return torch.arange(start, start + count, device=self.device)[None]
 
     def lm_mask(self, cache: dict, layer: int, start: int, count: int) -> torch.Tensor | None:
         """Which keys each rerun query sees (causal), kept in the run's cache per span."""
@@ -184,10 +202,15 @@ class ImageTokenAdapter(ModelAdapter):
     def traced_streams(self, streams: set[str]) -> set[str]:
         return set(streams) | {"lm", "projector"}
 
+    def run_cache(self, run: Run) -> dict:
+        """What reruns of a run need before its keys and values: "image_positions", the LM positions of
+        the projector's rows in their order (a family adds its position ids, masks, tower facts)."""
+        return {"image_positions": self.image_positions(run.inputs.input_ids[0])}
+
     def trace_cache(self, run: Run, acts, kept) -> dict:
         """Each LM layer's rotated keys and values [1, KVH, T, d]: the prefix of every rerun."""
         ids = run.inputs.input_ids[0]
-        cache: dict = {"image_positions": self.image_positions(ids)}
+        cache = self.run_cache(run)
         cache["kv"] = [block.keys_values(block.attn_norm(acts[("lm", l)]["x"][None]), self.rope(cache, 0, len(ids), l))
                        for l, block in enumerate(self.blocks["lm"])]
         return cache
@@ -207,13 +230,13 @@ class ImageTokenAdapter(ModelAdapter):
         image_positions = receiving.cache["image_positions"]
         if stream == "vision":
             hidden = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            features, first = self.vision_rerun(hidden, layer), 0
+            features, first = self.vision_rerun(hidden, layer, receiving.cache), int(image_positions.min())
         else:
             features = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            first = min(int(b.positions.min()) for b in batches)
+            first = min(int(image_positions[b.positions].min()) for b in batches)
         lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
         lm_input[:, image_positions] = features.to(lm_input.dtype)
-        start = self.rerun_start(receiving.cache, int(image_positions[first]))
+        start = self.rerun_start(receiving.cache, first)
         return self.run_lm_from(receiving, {0: lm_input[:, start:]}, start)
 
     def run_lm_from(self, receiving: Trace, entering: dict[int, torch.Tensor], start: int) -> torch.Tensor:
@@ -234,8 +257,9 @@ class ImageTokenAdapter(ModelAdapter):
         return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
 
     @abstractmethod
-    def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Image features [N, I, D] from the vision stream's rows [N, P, Dv] after layer `layer`."""
+    def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict) -> torch.Tensor:
+        """Image features [N, I, D] (the projector's rows) from the vision stream's rows [N, P, Dv] after
+        layer `layer`; cache: the receiving run's (rotary tables and masks of a tower that has them)."""
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["lm"].layers - 1
@@ -269,13 +293,17 @@ class ImageTokenAdapter(ModelAdapter):
                                                        self.rope(trace.cache, 0, count, l),
                                                        self.lm_mask(trace.cache, l, 0, count))[0][..., grid]
                                for l, block in enumerate(self.blocks["lm"])])  # [L, H, T, I]
-        rows, cols, _ = self.patch_grid
         return ImageAttention("lm", "self_attn", weights, trace.acts[("lm", 0)]["x"][grid].float(), count - 1,
-                              (rows, cols))
+                              self.token_grid(run))
 
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
         """The LM positions of the image tokens that are grid patches, row-major."""
         return image_positions
+
+    def token_grid(self, run: Run) -> tuple[int, int]:
+        """(rows, columns) of the grid that the image tokens of `grid_positions` tile, row-major."""
+        rows, cols, _ = self.patch_grid
+        return rows, cols
 
 
 def chat_prompt(processor, question: str) -> str:

@@ -143,7 +143,7 @@ class LlavaAdapter(ImageTokenAdapter):
     def project(self, vision_states: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(vision_states[:, 1:] if self.drop_cls else vision_states)
 
-    def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict) -> torch.Tensor:
         for block in self.blocks["vision"][layer + 1:]:
             hidden = block.forward(hidden)
         return self.project(hidden)
