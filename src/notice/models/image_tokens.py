@@ -33,6 +33,12 @@ class ImageTokenAdapter(ModelAdapter):
     image_token_id: int
     lm_path: str  # the language model's decoder (embed_tokens, layers, norm, rotary_emb)
 
+    def __init__(self, model, processor, name: str):
+        super().__init__(model, processor, name)
+        if processor.chat_template is None:
+            raise NoticeError(f"model {name!r} has a processor without a chat template: save one with the processor "
+                              f"({self.family} prompts are built by the chat template)")
+
     @property
     def lm(self):
         return self.model.get_submodule(self.lm_path)

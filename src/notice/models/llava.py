@@ -51,9 +51,6 @@ class LlavaAdapter(ImageTokenAdapter):
         super().__init__(model, processor, name)
         config = model.config
         vision, text = config.vision_config, config.text_config
-        if processor.chat_template is None:
-            raise NoticeError(f"model {name!r} has a processor without a chat template: save one with the processor "
-                              "(LLaVA prompts are built by the chat template)")
         lm_layer = self.lm.layers[0]
         for part in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"):
             if not hasattr(lm_layer, part):

@@ -77,9 +77,6 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         super().__init__(model, processor, name)
         config = model.config
         vision, text = config.vision_config, config.text_config
-        if processor.chat_template is None:
-            raise NoticeError(f"model {name!r} has a processor without a chat template: save one with the processor "
-                              "(Qwen2-VL prompts are built by the chat template)")
         sliding = [i for i, kind in enumerate(text.layer_types) if kind != "full_attention"]
         if sliding:
             raise NoticeError(f"model {name!r} has sliding-window layers {sliding}: notice reads Qwen2-VL language "
