@@ -173,10 +173,10 @@ class ModelAdapter(ABC):
 
     Public members (everything outside models/ uses only these): `family`, `name`, `model`,
     `tokenizer`, `streams`, `cross_layer_streams`, `device`, `dtype`, `from_pretrained`,
-    `answer_token_ids`, `token_length`, `input_length`, `batch_key`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
-    `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
-    `patched_logits`, `hook_point`, `site_columns`, `full_patch_sites`, `cell_bytes`,
-    `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
+    `answer_token_ids`, `token_length`, `input_length`, `batch_key`, `batches_by_length`, `tokenize`,
+    `answer_logits`, `score_answers`, `generate`, `runs_for`, `run_logits`, `num_positions`,
+    `position_labels`, `resolve_noise`, `trace`, `patched_logits`, `hook_point`, `site_columns`,
+    `full_patch_sites`, `cell_bytes`, `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
     A family implements the abstract members and sets `streams`, `stream_maps` and `blocks`.
     """
 
