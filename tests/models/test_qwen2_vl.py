@@ -85,7 +85,7 @@ def test_images_of_several_grids_are_batched_apart_and_answer_as_alone(qwen):
     shared = adapter.answer_logits(images, questions, image_index=owner)
     alone = torch.cat([adapter.answer_logits([images[o]], [q]) for o, q in zip(owner, questions)])
     torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
-    square, wide = picture((64, 64)), picture((128, 32))  # 8x8 and 4x16 patches: 16 image tokens each
+    square, wide = picture((64, 64)), picture((72, 8))  # 6x6 and 2x18 patches: 9 image tokens each
     assert adapter.input_length(square, QUESTION) == adapter.input_length(wide, QUESTION)
     assert len(adapter.batches_by_length([QUESTION] * 2, 8, [square, wide])) == 2
     with pytest.raises(ValueError, match="one patch grid"):
@@ -133,13 +133,13 @@ def test_text_noise_lands_on_the_question_whatever_the_images_token_count(qwen, 
 
 # ---------------------------------------------------------------------- the tower
 def test_window_order_labels_and_masks_are_the_models_own(qwen25):
-    """Qwen2.5-VL on a wide image: a 3x5 grid of merged tokens in 2x2 windows, uneven at the edges."""
+    """Qwen2.5-VL on a wide image: a 2x3 grid of merged tokens in windows of 2x2 and 2x1 tokens."""
     from transformers.vision_utils import get_vision_window_index
 
     image = picture((64, 40))
     run = Run(qwen25.prepare([image], [QUESTION]))
     rows, cols = qwen25.run_grid(run)
-    assert (rows // 2, cols // 2) == (3, 5)
+    assert (rows // 2, cols // 2) == (2, 3)
     vision = qwen25.model.config.vision_config
     window_index, bounds = get_vision_window_index(run.inputs.image_grid_thw, 2, vision.window_size, vision.patch_size)
     assert qwen25.unit_order((rows, cols)).tolist() == window_index.tolist()
@@ -158,7 +158,7 @@ def test_vision_sites_are_exact_across_windowed_and_full_layers(qwen, tmp_path):
     pair = color_pair(tmp_path, (64, 40))
     last = adapter.streams["vision"].layers - 1
     sites = [f"vision.{l}.{c}@{p}" for l in range(last + 1) for c in ("layer", "self_attn.head1", "mlp")
-             for p in (0, 37)] + [f"vision.{last - 1}.layer@all", "projector.0.layer@14", "projector.0.layer@all"]
+             for p in (0, 17)] + [f"vision.{last - 1}.layer@all", "projector.0.layer@4", "projector.0.layer@all"]
     for direction in ("denoise", "noise"):
         fast = patch_pair(adapter, pair, sites, direction)
         helpers.assert_same_table(fast, naive_patch_pair(adapter, pair, sites, direction))
@@ -169,7 +169,7 @@ def test_head_functions_read_the_merged_grid_of_each_image(qwen):
     _, adapter = qwen
     image = picture((64, 40))
     seen = adapter.image_attention(image, QUESTION, "red")
-    assert seen.grid == (3, 5) and seen.weights.shape[-1] == 15 == seen.image_states.shape[0]
+    assert seen.grid == (2, 3) and seen.weights.shape[-1] == 6 == seen.image_states.shape[0]
     with torch.no_grad():
         theirs = llava_eager_attention(adapter, adapter.prepare([image], [QUESTION]))
     torch.testing.assert_close(seen.weights, theirs.float(), atol=1e-5, rtol=1e-4)
@@ -191,7 +191,7 @@ def test_a_pair_of_two_grids_is_one_line_naming_the_pair_before_anything_is_writ
     assert result.exit_code == 2, result.output
     message = result.stderr.rstrip("\n")
     assert "\n" not in message and message.startswith("error: pair mixed-sizes/3: ")
-    assert "8x8 patch grid" in message and "6x10" in message and "resize both to one size" in message
+    assert "a 6x6 patch grid" in message and "a 4x6 one" in message and "resize both to one size" in message
     assert _files(tmp_path) == before
 
 
@@ -260,7 +260,7 @@ def test_every_verb_runs_on_a_saved_checkpoint(qwen25_dir, tmp_path):
 
     table = load_results(tmp_path / "results")
     image_tokens = table[(table["stream"] == "lm") & table["token"].str.startswith("<image patch")]
-    assert len(image_tokens) == 2 * 16 and table["ld"].notna().all()  # 64 px images at most 32 px: 4x4 tokens
+    assert len(image_tokens) == 2 * 9 and table["ld"].notna().all()  # 64 px images shrunk to 24 px: 3x3 tokens
     run("head-functions", str(pairs), "--out", str(tmp_path / "functions"), "--limit", "2")
     result = CliRunner().invoke(app, ["report", str(tmp_path / "results"), "--out", str(tmp_path / "report"),
                                       "--pairs", str(pairs), "--head-functions", str(tmp_path / "functions")])

@@ -82,12 +82,11 @@ class Qwen2VLAdapter(ImageTokenAdapter):
             raise NoticeError(f"model {name!r} has sliding-window layers {sliding}: notice reads Qwen2-VL language "
                               "models with full attention (use_sliding_window: false, as every released checkpoint)")
         images = processor.image_processor
-        self.merge_size = int(vision.spatial_merge_size)
-        self.patch = int(vision.patch_size)
+        self.merge_size, self.patch = int(vision.spatial_merge_size), int(vision.patch_size)
         if (images.patch_size, images.merge_size) != (self.patch, self.merge_size):
-            raise NoticeError(f"model {name!r}: its processor cuts {images.patch_size} px patches merged {images.merge_size}"
-                              f"×{images.merge_size}, its vision tower {self.patch} px merged {self.merge_size}×{self.merge_size}; "
-                              "save the processor that belongs to the model")
+            raise NoticeError(f"model {name!r}: its processor cuts {images.patch_size} px patches merged by "
+                              f"{images.merge_size}, its vision tower reads {self.patch} px patches merged by "
+                              f"{self.merge_size}; save the processor that belongs to the model")
         self.image_token_id = int(config.image_token_id)
         attn = self.tower.blocks[0].attn
         heads, kv_heads = text.num_attention_heads, int(text.num_key_value_heads or text.num_attention_heads)
@@ -101,8 +100,8 @@ class Qwen2VLAdapter(ImageTokenAdapter):
                                   f"ViT over {self.patch} px patches with 2-D rotary positions ({rows}x{cols} for a "
                                   f"{height}x{width} image){self.tower_note()}; positions in the tower's order"),
             "projector": StreamFacts("projector", 1, 0, 0, text.hidden_size, ("layer",), "image token",
-                                     f"patch merger: one token per {self.merge_size}x{self.merge_size} patches, as many as the "
-                                     f"image gives ({tokens} for a {height}x{width} image)"),
+                                     f"patch merger: one token per {self.merge_size}x{self.merge_size} patches, as "
+                                     f"many as the image gives ({tokens} for a {height}x{width} image)"),
             "lm": StreamFacts("lm", text.num_hidden_layers, heads, lm_attn.head_dim, text.hidden_size,
                               ("layer", "self_attn", "mlp"), "token",
                               f"causal language model with multimodal rotary positions (M-RoPE) over the prompt, "
@@ -144,7 +143,8 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         """(rows, columns) of patches of an image of this size after the processor's resizing."""
         images = self.processor.image_processor
         size = images.size
-        rows, cols = smart_resize(height, width, self.patch * self.merge_size, size["shortest_edge"], size["longest_edge"])
+        rows, cols = smart_resize(height, width, self.patch * self.merge_size, size["shortest_edge"],
+                                  size["longest_edge"])
         return rows // self.patch, cols // self.patch
 
     def image_grid(self, image: Image.Image) -> tuple[int, int]:
@@ -195,10 +195,11 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         grids = self.image_grid(clean_image), self.image_grid(corrupt_image)
         if grids[0] != grids[1]:
             (a, b), (c, d) = grids
-            raise NoticeError(f"the clean image ({clean_image.width}x{clean_image.height} px) gives a {a}x{b} patch grid "
-                              f"and the corrupt image ({corrupt_image.width}x{corrupt_image.height} px) a {c}x{d} one "
-                              f"({a * b // self.merge_size ** 2} and {c * d // self.merge_size ** 2} image tokens): a pair's images "
-                              "must give one grid; resize both to one size")
+            tokens = [rows * cols // self.merge_size ** 2 for rows, cols in grids]
+            raise NoticeError(f"the clean image ({clean_image.width}x{clean_image.height} px) gives a {a}x{b} patch "
+                              f"grid and the corrupt image ({corrupt_image.width}x{corrupt_image.height} px) a {c}x{d} "
+                              f"one ({tokens[0]} and {tokens[1]} image tokens): a pair's images must give one grid; "
+                              "resize both to one size")
         return super().runs_for(clean_image, corrupt_image, clean_prompt, corrupt_prompt, noise)
 
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -226,14 +227,17 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         units = [f"patch {u // cols},{u % cols}" for u in self.unit_order(grid).tolist()]  # merged coordinates
         ids = run.inputs.input_ids[0]
         tokens = self.tokenizer.convert_ids_to_tokens(ids.tolist())
-        for label, position in zip(units, self.run_cache(run)["image_positions"].tolist()):
+        for label, position in zip(units, self.projector_positions(run).tolist()):
             tokens[position] = f"<image {label}>"
         return {"vision": [f"patch {r},{c}" for r, c in self.patch_order(grid)], "projector": units, "lm": tokens}
 
-    def run_cache(self, run: Run) -> dict:
+    def projector_positions(self, run: Run) -> torch.Tensor:
+        """The LM positions of the merger's rows, in their (the tower's) order."""
         lm_order = self.image_positions(run.inputs.input_ids[0])
-        return {"image_positions": lm_order[self.unit_order(self.run_grid(run)).to(lm_order.device)],
-                "mrope": self.lm_position_ids(run.inputs)[:, :1]}
+        return lm_order[self.unit_order(self.run_grid(run)).to(lm_order.device)]
+
+    def run_cache(self, run: Run) -> dict:
+        return {"image_positions": self.projector_positions(run), "mrope": self.lm_position_ids(run.inputs)[:, :1]}
 
     def lm_position_ids(self, inputs) -> torch.Tensor:
         """M-RoPE position ids [3, B, T] of prepared inputs, by the model's own `get_rope_index`."""
@@ -272,9 +276,12 @@ class Qwen2VLAdapter(ImageTokenAdapter):
 
     def embed_images(self, inputs) -> torch.Tensor:
         """[B, P, Dv]: each image's patch embeddings (one grid per batch), merged unit by unit."""
-        return self.embed_image(inputs.pixel_values).view(len(inputs.image_grid_thw), -1, self.streams["vision"].hidden)
+        embeddings = self.embed_image(inputs.pixel_values)
+        return embeddings.view(len(inputs.image_grid_thw), -1, embeddings.shape[-1])
 
     def encode_image(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Refused: the tower's rotary positions and windows need each image's grid, which embeddings
+        alone do not carry; the contract calls `encode_images` with the prepared inputs."""
         raise NoticeError("Qwen2-VL's tower needs each image's grid: use encode_images(inputs, embeddings)")
 
     def encode_images(self, inputs, image_embeddings: torch.Tensor) -> torch.Tensor:
@@ -310,8 +317,8 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         """The plain trace, plus what the tower's layers read besides their input: rotary tables of the
         patches and which patches attend to which, as the model itself passed them."""
         seen: list[dict] = []
-        handles = [block.register_forward_pre_hook(lambda _module, _args, kwargs: seen.append(kwargs), with_kwargs=True)
-                   for block in self.tower.blocks]
+        handles = [block.register_forward_pre_hook(lambda _module, _args, kwargs: seen.append(kwargs),
+                                                   with_kwargs=True) for block in self.tower.blocks]
         try:
             trace = super().trace(run, streams)
         finally:
