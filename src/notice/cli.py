@@ -293,7 +293,11 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
           batch_size: Optional[int] = typer.Option(None, help="Cells per forward (default: as many as fit)."),
           device: str = DeviceOption, dtype: str = DtypeOption,
           checks: bool = typer.Option(True, "--checks/--no-checks", help="Sanity checks on every pair."),
-          limit: Optional[int] = typer.Option(None, help="Only the first N pairs.")) -> None:
+          limit: Optional[int] = typer.Option(None, help="Only the first N pairs."),
+          workers: Optional[int] = typer.Option(None, "--workers", help="Spread the pairs over N Ray workers (one "
+                                                                        "model each; needs notice[ray])."),
+          ray_address: Optional[str] = typer.Option(None, "--ray-address", help="A Ray cluster to join (host:port "
+                                                                                 "or auto); default: a local one.")) -> None:
     """Activation patching of every site on every pair: a resumable long results table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -314,32 +318,58 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
             ("--sites", sites, check.site_patterns), ("--direction", direction, check.one_of(DIRECTIONS, "direction")),
             ("--out", out, check.output_folder), ("--max-memory", max_memory, check.memory),
             ("--batch-size", batch_size, check.whole(1, optional=True)), ("--device", device, check.device),
-            ("--dtype", dtype, check.dtype), ("--limit", limit, check.whole(1, optional=True))])[0]
+            ("--dtype", dtype, check.dtype), ("--limit", limit, check.whole(1, optional=True)),
+            ("--workers", workers, check.whole(1, optional=True))])[0]
+        if ray_address is not None and workers is None:
+            raise NoticeError(f"--ray-address {ray_address} needs --workers N: say how many workers to start")
         records = read_pairs(pairs)[:limit]
-        adapter = load_model(model, device=device, dtype=dtype)
         provenance = {"seed": pairs_provenance(pairs).get("seed"), "pairs": [file_record(pairs)]}
-        total = sum(count_cells(adapter, records, patterns))
         columns = (TextColumn("[bold]patching"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
                    TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
         with Progress(*columns, console=err_console, transient=True,  # an error or Ctrl-C: one line, no bar
                       disable=not err_console.is_terminal) as bar:
-            task = bar.add_task("patch", total=total, rate="")
-            clock = {"start": time.perf_counter(), "cells": 0}
+            task = bar.add_task("patch", total=None, rate="")
+            clock = {"start": time.perf_counter(), "cells": 0, "pairs": 0}
 
             def advance(n: int, skipped: bool = False) -> None:
                 if skipped:  # finished earlier: counts toward the bar, not toward the speed
                     clock["start"] = time.perf_counter()
-                    clock["cells"] = 0
+                    clock["cells"] = clock["pairs"] = 0
                 else:
                     clock["cells"] += n
                 elapsed = time.perf_counter() - clock["start"]
-                bar.update(task, advance=n, rate=f"{clock['cells'] / elapsed:.1f} cells/s" if elapsed > 0 else "")
+                rate = f"{clock['cells'] / elapsed:.1f} cells/s" if elapsed > 0 else ""
+                if workers is not None and elapsed > 0:  # the Ray path reports whole pairs
+                    rate += f", {clock['pairs'] / elapsed:.2f} pairs/s"
+                bar.update(task, advance=n, rate=rate)
 
-            summary = patch_pairs(adapter, records, patterns, out, direction, max_memory=max_memory,
-                                  batch_size=batch_size, checks=checks, progress=advance, model_name=model,
-                                  dtype=dtype, provenance=provenance)
+            if workers is None:
+                adapter = load_model(model, device=device, dtype=dtype)
+                bar.update(task, total=sum(count_cells(adapter, records, patterns)))
+                summary = patch_pairs(adapter, records, patterns, out, direction, max_memory=max_memory,
+                                      batch_size=batch_size, checks=checks, progress=advance, model_name=model,
+                                      dtype=dtype, provenance=provenance)
+            else:
+                from notice.executors.ray import patch_pairs_on_ray
+                from notice.models import resolve_model
+
+                resolve_model(model)  # an unknown name is one line here, not in every worker
+
+                def pair_done() -> None:
+                    clock["pairs"] += 1
+
+                summary = patch_pairs_on_ray(model, records, patterns, out, direction, workers=workers,
+                                             address=ray_address, device=device, dtype=dtype, max_memory=max_memory,
+                                             batch_size=batch_size, checks=checks, provenance=provenance,
+                                             on_total=lambda cells: bar.update(task, total=cells),
+                                             progress=advance, on_pair=pair_done)
     console.print(f"{summary['done']} pairs patched, {summary['skipped']} already done, {summary['cells']} cells "
                   f"in all; results in {out}")
+    if summary.get("failed"):  # not bad input: workers died on these pairs every time they were tried
+        err_console.print(f"[bold red]error:[/] {len(summary['failed'])} pair(s) lost their worker on every try "
+                          f"({', '.join(summary['failed'])}); rerun the same command to try them again",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

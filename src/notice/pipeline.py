@@ -46,6 +46,9 @@ class RunConfig:
     sites: tuple[str, ...] = DEFAULT_SITES
     direction: str = "denoise"
     max_memory: str = "8GB"
+    executor: str = "local"  # or "ray": pairs spread over `workers` Ray actors (on `address`, or a local cluster)
+    workers: int | None = None
+    address: str | None = None
     min_conditions: int | None = None
     top_k: int = 10
     rule: tuple[str, ...] = ("default",)  # head-selection rules of the report (notice.analysis.paper_rule)
@@ -63,7 +66,8 @@ def _checks() -> tuple[dict[str, Check], dict[str, dict[str, Check]], dict[str, 
     sections = {"select": {"threshold": check.number(0), "max_per_cell": check.whole(1, optional=True),
                            "balance": check.flag},
                 "patch": {"sites": check.site_patterns, "direction": check.one_of(DIRECTIONS, "direction"),
-                          "max_memory": check.memory},
+                          "max_memory": check.memory, "executor": check.one_of(("local", "ray"), "executor"),
+                          "workers": check.whole(1, optional=True), "address": check.text(optional=True)},
                 "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1),
                            "rule": check.head_rules}}
     task = {"task": check.one_of(TASKS, "task"), "data": check.text(optional=True), "split": check.text(optional=True),
@@ -229,11 +233,22 @@ def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence
 
     folder = config.out / "results"
     sites = list(config.sites)
+    provenance = {"seed": config.seed, "pairs": [file_record(path) for path in pairs_files]}
     bar = progress.add_task("patching: cells", total=sum(count_cells(adapter, pairs, sites)))
+    if config.executor == "ray":
+        from notice.executors.ray import patch_pairs_on_ray
+
+        summary = patch_pairs_on_ray(config.model, pairs, sites, folder, config.direction, workers=config.workers or 1,
+                                     address=config.address, device=config.device, dtype=config.dtype,
+                                     max_memory=config.max_memory, provenance=provenance,
+                                     progress=lambda cells, skipped: progress.update(bar, advance=cells))
+        if summary["failed"]:
+            raise NoticeError(f"{len(summary['failed'])} pair(s) lost their worker on every try "
+                              f"({', '.join(summary['failed'])}); rerun the same command to try them again")
+        return folder
     patch_pairs(adapter, pairs, sites, folder, direction=config.direction, max_memory=config.max_memory,
                 progress=lambda cells, skipped: progress.update(bar, advance=cells), model_name=config.model,
-                dtype=config.dtype,
-                provenance={"seed": config.seed, "pairs": [file_record(path) for path in pairs_files]})
+                dtype=config.dtype, provenance=provenance)
     return folder
 
 
