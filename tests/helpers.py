@@ -268,3 +268,87 @@ def paper_str_pairs(task: str, data: Path, out: Path, tokenizer, seed: int = 0) 
     for pair in pairs:
         assert_both_options_swapped(pair, tokenizer)
     return pairs
+
+
+# --------------------------------------------------------------------- Gemma 3
+# google/gemma-3-4b-it's prompt format (its chat template, simplified to user and model turns of text and images)
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# Gemma-3-4B's shape, shrunk: 2 SigLIP layers; 4 LM layers alternating sliding (window 16) and global, so that
+# the window cuts through the 25-token prompt (the answer's window holds the last image tokens but not the
+# first); 2x2 image tokens pooled from 4x4 patches
+TINY_GEMMA3 = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                   image_tokens=4, text_hidden=48, text_layers=4, text_heads=4, text_kv_heads=2, head_dim=16,
+                   text_mlp=96, sliding_window=16, sliding_pattern=2)
+
+
+def gemma3_tokenizer(sentences=LLAVA_SENTENCES, vocab_size: int = 200):
+    """A small Gemma-style BPE tokenizer: <bos> prepended, newlines their own tokens, the image markers special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+               "<end_of_image>", "<image_soft_token>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                     pre_tokenizers.Metaspace(prepend_scheme="never")])
+    backend.decoder = decoders.Metaspace(prepend_scheme="never")
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?:.,'\n")
+    backend.train_from_iterator(list(sentences) + ["user model", "is the shape red? is the shape blue?"],
+                                trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                    initial_alphabet=alphabet))
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={
+                                       "image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                       "eoi_token": "<end_of_image>"})
+
+
+def gemma3_processor(arch: dict):
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    image_processor = Gemma3ImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]})
+    return Gemma3Processor(image_processor=image_processor, tokenizer=gemma3_tokenizer(),
+                           chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=arch["image_tokens"])
+
+
+def gemma3_model(arch: dict, tokenizer, seed: int = 0):
+    """A random-init Gemma 3: SigLIP tower, pooling projector, Gemma 3 LM with sliding and global layers.
+    The projector's matrix starts at zero and would hide the image: it is drawn like the other matrices."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(model_type="siglip_vision_model", image_size=arch["image_size"], patch_size=arch["patch_size"],
+                  hidden_size=arch["vision_hidden"], num_hidden_layers=arch["vision_layers"],
+                  num_attention_heads=arch["vision_heads"], intermediate_size=arch["vision_mlp"])
+    text = dict(model_type="gemma3_text", vocab_size=len(tokenizer), hidden_size=arch["text_hidden"],
+                intermediate_size=arch["text_mlp"], num_hidden_layers=arch["text_layers"],
+                num_attention_heads=arch["text_heads"], num_key_value_heads=arch["text_kv_heads"],
+                head_dim=arch["head_dim"], query_pre_attn_scalar=arch["head_dim"],
+                sliding_window=arch["sliding_window"], sliding_window_pattern=arch["sliding_pattern"],
+                max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=arch["image_tokens"],
+                          boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                          image_token_index=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+        projector = model.model.multi_modal_projector.mm_input_projection_weight
+        projector.normal_(0, projector.shape[0] ** -0.5)
+    return model
+
+
+def save_gemma3(folder: Path, arch: dict, seed: int = 0) -> Path:
+    """A random-init Gemma 3 checkpoint with its processor and chat template, written by save_pretrained."""
+    processor = gemma3_processor(arch)
+    gemma3_model(arch, processor.tokenizer, seed).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

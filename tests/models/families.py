@@ -82,7 +82,15 @@ def llava_eager_attention(adapter, inputs) -> torch.Tensor:
     return torch.stack(out.attentions, dim=1)[0][..., grid]
 
 
+# --------------------------------------------------------------------------- Gemma 3
+def save_gemma3(folder: Path) -> Path:
+    return helpers.save_gemma3(folder, helpers.TINY_GEMMA3)
+
+
 FAMILIES = {
     "blip": Family("blip", helpers.TINY_BLIP["image_size"], save_blip, blip_native_logits, blip_eager_attention),
     "llava": Family("llava", helpers.TINY_LLAVA["image_size"], save_llava, llava_native_logits, llava_eager_attention),
+    # the same references: transformers' forward and eager attention, token_type_ids from the processor
+    "gemma3": Family("gemma3", helpers.TINY_GEMMA3["image_size"], save_gemma3, llava_native_logits,
+                     llava_eager_attention),
 }

@@ -53,7 +53,7 @@ def test_adapter_declares_its_streams_maps_and_blocks(family):
     assert sum(f.reads_answer for f in adapter.streams.values()) == 1
     described = adapter.describe()
     assert described["family"] == spec.name and set(described["streams"]) == set(adapter.streams)
-    assert described["image_tokens"] >= described["patch_grid"][0] * described["patch_grid"][1]
+    assert described["image_tokens"] > 0 and min(described["patch_grid"]) > 0  # pooling may take fewer than patches
 
 
 def test_notice_info_lists_streams_and_sites(family):
@@ -98,8 +98,8 @@ def test_greedy_generation_starts_with_the_logit_argmax(family):
              for i in adapter.answer_logits(images, questions).argmax(1).tolist()]
     answers = adapter.generate(images, questions, max_new_tokens=1)
 
-    def bare(text: str) -> str:  # decoding one token keeps a wordpiece's "##"; a sentence drops it
-        return text.replace("##", "").replace(" ", "")
+    def bare(text: str) -> str:  # decoding one token keeps a wordpiece's "##" and a newline; answers drop them
+        return text.replace("##", "").replace(" ", "").strip()
     assert [bare(a) for a in answers] == [bare(f) for f in first]
 
 
@@ -139,7 +139,7 @@ def test_hook_points_hold_every_position_and_heads_are_slices(family):
             site = parse_site(f"{stream}.{facts.layers - 1}.{component}" + (".head0" if component.endswith("attn")
                                                                              else ""))
             seen = []
-            with hooked(adapter, site, lambda t, seen=seen: seen.append(tuple(t.shape)) or t):
+            with hooked(adapter, site, lambda t, seen=seen: seen.append(tuple(t.shape)) or t, clean):
                 adapter.run_logits(clean)
             assert len(seen) == 1 and seen[0][:2] == (1, counts[stream]), (site, seen)
             columns = adapter.site_columns(site)

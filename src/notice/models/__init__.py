@@ -33,6 +33,7 @@ DEFAULT_MODEL = "easyvqa-blip"
 FAMILIES = {
     "blip": "notice.models.blip:BlipAdapter",
     "llava": "notice.models.llava:LlavaAdapter",
+    "gemma3": "notice.models.gemma3:Gemma3Adapter",
 }
 
 

@@ -176,7 +176,8 @@ class ModelAdapter(ABC):
     `answer_token_ids`, `token_length`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
     `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
     `patched_logits`, `hook_point`, `site_columns`, `full_patch_sites`, `cell_bytes`,
-    `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
+    `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`, `first_patch`, `stream_rows`,
+    `image_key`.
     A family implements the abstract members and sets `streams`, `stream_maps` and `blocks`.
     """
 
@@ -184,6 +185,7 @@ class ModelAdapter(ABC):
     cross_layer_streams: ClassVar[frozenset[str]] = frozenset()  # streams whose patched_logits mixes layers
     answer_batch_size: ClassVar[int] = 64
     trace_outputs: ClassVar[dict[str, str]] = {}  # cache name → module whose output (row 0) a trace keeps
+    first_patch: ClassVar[int] = 1  # vision positions before the first grid patch (a [CLS] token); 0 without one
 
     streams: dict[str, StreamFacts]
     stream_maps: dict[str, StreamMap]
@@ -274,16 +276,24 @@ class ModelAdapter(ABC):
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
         """Free-form greedy answers, as transformers' `generate` gives them."""
 
-    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+    def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (as pairs store STR and text-noise sites) in the
-        model's input; the same for a model whose input is the question itself."""
+        model's input (`run`'s, where the image's size moves them); the same for a model whose input is
+        the question itself."""
         return list(positions)
 
-    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
-        """Index batches whose prompts share a token length: no padding ever enters a forward."""
-        groups: dict[int, list[int]] = {}
+    def image_key(self, image: Image.Image) -> Any:
+        """What of an image decides how many positions it takes (None: every image takes the same)."""
+        return None
+
+    def batches_by_length(self, questions: Sequence[str], batch_size: int,
+                          images: Sequence[Image.Image] | None = None) -> list[list[int]]:
+        """Index batches whose prompts share a token length (and, with `images`, whose images take the
+        same positions): no padding ever enters a forward."""
+        groups: dict[tuple, list[int]] = {}
         for i, question in enumerate(questions):
-            groups.setdefault(self.token_length(question), []).append(i)
+            key = None if images is None else self.image_key(images[i])
+            groups.setdefault((self.token_length(question), repr(key)), []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
@@ -299,12 +309,12 @@ class ModelAdapter(ABC):
         states = None
         if unique is not None:  # encode each image once
             states = {}
-            for start in range(0, len(unique), size):
-                chunk = unique[start:start + size]
+            for chunk in self.batches_by_length(["?"] * len(unique), size, [images[i] for i in unique]):
+                chunk = [unique[j] for j in chunk]
                 pixels = self.prepare([images[i] for i in chunk], ["?"] * len(chunk)).pixel_values
                 for i, row in zip(chunk, self.encode_image(self.embed_image(pixels))):
                     states[i] = row
-        for index in self.batches_by_length(questions, size):
+        for index in self.batches_by_length(questions, size, [images[i] for i in image_index]):
             inputs = self.prepare([images[image_index[i]] for i in index], [questions[i] for i in index])
             if states is None:
                 logits = self.run_logits(Run(inputs))
@@ -327,7 +337,7 @@ class ModelAdapter(ABC):
             raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
         candidate_ids = [self.answer_token_ids(c) for c in candidates]
         scores = torch.empty(len(questions), len(candidates))
-        for index in self.batches_by_length(questions, self.answer_batch_size):
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
             context = self.answer_context(self.prepare([images[i] for i in index], [questions[i] for i in index]))
             for c, ids in enumerate(candidate_ids):
                 use = ids[:1] if scoring == "first_token" else ids
@@ -377,7 +387,7 @@ class ModelAdapter(ABC):
         """The scale of Gaussian-noise corruption: std of the token-embedding matrix (text, as in
         ROME's causal tracing) or of the given image's patch embeddings (vision, [CLS] excluded)."""
         if stream == "vision":
-            return float(embeddings[:, 1:].float().std())
+            return float(embeddings[:, self.first_patch:].float().std())
         return float(self.word_embeddings.weight.float().std())
 
     # -------------------------------------------------------------------- runs
@@ -422,14 +432,14 @@ class ModelAdapter(ABC):
         if spec["stream"] == "text":
             if positions == "all":
                 positions = range(len(self.tokenizer(prompt)["input_ids"]))
-            return dict(spec, positions=self.prompt_positions(prompt, list(positions)))
+            return dict(spec, positions=self.prompt_positions(prompt, list(positions), run))
         rows, cols, _ = self.patch_grid
         if positions == "all":
-            positions = list(range(1, rows * cols + 1))
+            positions = list(range(self.first_patch, self.first_patch + rows * cols))
         elif positions == "object":
             if mask is None:
                 raise NoticeError("image noise on the 'object' needs the pair's clean_mask")
-            positions = mask_patch_positions(mask, (rows, cols))
+            positions = mask_patch_positions(mask, (rows, cols), self.first_patch)
         return dict(spec, positions=list(positions))
 
     @property
@@ -460,6 +470,12 @@ class ModelAdapter(ABC):
         d = self.streams[site.stream].head_dim
         return slice(site.head * d, (site.head + 1) * d)
 
+    def stream_rows(self, stream: str, run: Run) -> int:
+        """How many rows of the model's batch one input of `run` fills in a stream's layers: 1, or an
+        image's tiles where a tower reads them as a batch (LLaVA-NeXT). The stream's positions then run
+        over those rows' positions in order, and hooks and traces see them as one row."""
+        return 1
+
     def traced_streams(self, streams: set[str]) -> set[str]:
         """The streams a trace must record for patches in `streams` (a family adds what its caches need)."""
         return set(streams)
@@ -474,17 +490,17 @@ class ModelAdapter(ABC):
         kept: dict[str, torch.Tensor] = {}
         handles = [keep_output(self.model.get_submodule(path), kept, name) for name, path in self.trace_outputs.items()]
         for stream in (s for s in self.streams if s in streams):
-            where = self.stream_maps[stream]
+            where, rows = self.stream_maps[stream], self.stream_rows(stream, run)
             for l in range(self.streams[stream].layers):
                 store = acts.setdefault((stream, l), {})
                 layer = self.layer_module(stream, l)
                 if not where.single:
-                    handles.append(keep_input(layer, store, "x"))
-                handles.append(keep_output(layer, store, "layer"))
+                    handles.append(keep_input(layer, store, "x", rows))
+                handles.append(keep_output(layer, store, "layer", rows))
                 for component, path in where.writes.items():
-                    handles.append(keep_output(layer.get_submodule(path), store, component))
+                    handles.append(keep_output(layer.get_submodule(path), store, component, rows))
                 for component, path in where.heads.items():
-                    handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z"))
+                    handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z", rows))
         try:
             logits = self.run_logits(run)[0]
         finally:
@@ -572,34 +588,47 @@ def mask_patch_positions(mask: np.ndarray, grid: tuple[int, int], first_patch: i
     return [first_patch + int(i) for i in np.flatnonzero(touched.reshape(-1))]
 
 
-def keep_output(module: torch.nn.Module, store: dict, name: str):
-    """Keep a module's output (the first element of a tuple) of row 0 under `name`. Prepended, so it
-    runs before a model's own output-recording hooks (transformers 5 reads tower states through them)."""
+def first_input(rows: int, tensor: torch.Tensor) -> torch.Tensor:
+    """The first input's `rows` rows of a [B * rows, P, W] activation, as one [rows * P, W]."""
+    return tensor[:rows].reshape(-1, tensor.shape[-1])
+
+
+def keep_output(module: torch.nn.Module, store: dict, name: str, rows: int = 1):
+    """Keep a module's output (the first element of a tuple) of the first input under `name` (see
+    `stream_rows`). Prepended, so it runs before a model's own output-recording hooks (transformers 5
+    reads tower states through them)."""
     def hook(_module, _args, output):
-        store[name] = (output[0] if isinstance(output, tuple) else output)[0].detach()
+        store[name] = first_input(rows, output[0] if isinstance(output, tuple) else output).detach()
     return module.register_forward_hook(hook, prepend=True)
 
 
-def keep_input(module: torch.nn.Module, store: dict, name: str):
-    """Keep a module's first input (positional or `hidden_states=`) of row 0 under `name`."""
+def keep_input(module: torch.nn.Module, store: dict, name: str, rows: int = 1):
+    """Keep a module's first input (positional or `hidden_states=`) of the first input under `name`."""
     def hook(_module, args, kwargs):
-        store[name] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+        store[name] = first_input(rows, args[0] if args else kwargs["hidden_states"]).detach()
     return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
 
 
-def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor]):
-    """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward."""
+def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor], rows: int = 1):
+    """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward;
+    a module that reads each input as `rows` rows [B * rows, P', W] is edited as [B, rows * P', W]."""
+    def folded(tensor: torch.Tensor) -> torch.Tensor:
+        if rows == 1:
+            return edit(tensor)
+        inputs, positions, width = tensor.shape[0] // rows, tensor.shape[1], tensor.shape[2]
+        return edit(tensor.reshape(inputs, rows * positions, width)).reshape(inputs * rows, positions, width)
+
     if kind == "input":
         def before(_module, args, kwargs):
             if args:
-                return (edit(args[0]),) + tuple(args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=edit(kwargs["hidden_states"]))
+                return (folded(args[0]),) + tuple(args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=folded(kwargs["hidden_states"]))
         return module.register_forward_pre_hook(before, with_kwargs=True, prepend=True)
 
     def after(_module, _args, output):
         if isinstance(output, tuple):
-            return (edit(output[0]),) + tuple(output[1:])
-        return edit(output)
+            return (folded(output[0]),) + tuple(output[1:])
+        return folded(output)
     return module.register_forward_hook(after, prepend=True)
 
 

@@ -16,7 +16,7 @@ A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt t
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from PIL import Image
@@ -26,9 +26,17 @@ from notice.models.base import ImageAttention, ModelAdapter, PatchBatch, Run, Tr
 from notice.models.blocks.prenorm import Rope, causal_mask
 
 
+class Prompt(NamedTuple):
+    """What the LM reads of a prompt: its input embeddings [B, T, D] and ids [B, T]."""
+
+    embeddings: torch.Tensor
+    input_ids: torch.Tensor
+
+
 class ImageTokenAdapter(ModelAdapter):
     cross_layer_streams = frozenset({"lm"})
     answer_batch_size = 16
+    add_special_tokens: ClassVar[bool] = True  # False where the chat template writes BOS itself (Gemma 3)
     image_token_id: int
     lm_path: str  # the language model's decoder (embed_tokens, layers, norm, rotary_emb)
 
@@ -52,27 +60,33 @@ class ImageTokenAdapter(ModelAdapter):
     @classmethod
     def prompt_ids(cls, processor, question: str) -> list[int]:
         """The expanded ids of a question's prompt (an image of any size gives the same expansion)."""
-        encoded = processor(images=[Image.new("RGB", (8, 8))], text=[chat_prompt(processor, question)],
-                            return_tensors="pt")
+        encoded = processor(images=[[cls.nominal_image(processor)]], text=[chat_prompt(processor, question)],
+                            return_tensors="pt", add_special_tokens=cls.add_special_tokens)
         return encoded["input_ids"][0].tolist()
+
+    @classmethod
+    def nominal_image(cls, processor) -> Image.Image:
+        """An image whose prompt is as long as any (every image expands alike in most families)."""
+        return Image.new("RGB", (8, 8))
 
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
         """Processor inputs for one batch; the prompts must tokenize to one length."""
         check_batch(images, questions)
-        encoded = self.processor(images=list(images), text=[self.prompt(q) for q in questions], return_tensors="pt",
-                                 padding=True)
+        encoded = self.processor(images=[[image] for image in images], text=[self.prompt(q) for q in questions], return_tensors="pt",
+                                 padding=True, add_special_tokens=self.add_special_tokens)
         if not bool(encoded["attention_mask"].all()):
             raise ValueError("prompts of one batch must have the same token length; use batches_by_length")
         encoded = encoded.to(self.device).to(self.dtype)
         self.image_positions(encoded["input_ids"][0])  # checks the expansion once per batch
         return encoded
 
-    def _prompt_offsets(self, question: str) -> tuple[list[tuple[int, int]], int, int]:
+    def _prompt_offsets(self, question: str, run: Run | None = None) -> tuple[list[tuple[int, int]], int, int]:
         """Character spans of the unexpanded prompt's tokens, where the question starts in it, and how
-        many positions the image placeholders add (the question follows the image)."""
+        many positions the image placeholders add in `run` (the question follows the image)."""
         prompt = self.prompt(question)
-        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
-        return encoded["offset_mapping"], prompt.rindex(question), self.token_length(question) - len(encoded["input_ids"])
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=self.add_special_tokens)
+        length = self.token_length(question) if run is None else int(run.inputs.input_ids.shape[1])
+        return encoded["offset_mapping"], prompt.rindex(question), length - len(encoded["input_ids"])
 
     def question_positions(self, question: str) -> list[int]:
         """Positions of the tokens that spell the question within the full prompt."""
@@ -80,12 +94,12 @@ class ImageTokenAdapter(ModelAdapter):
         end = begin + len(question)
         return [i + shift for i, (a, b) in enumerate(offsets) if b > a and a < end and b > begin]
 
-    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+    def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (special tokens included) in the full prompt,
         matched by the characters they cover, after the image placeholders are expanded."""
         alone = self.tokenizer(question, return_offsets_mapping=True)["offset_mapping"]
         spans = [alone[p] for p in positions if alone[p][1] > alone[p][0]]
-        offsets, begin, shift = self._prompt_offsets(question)
+        offsets, begin, shift = self._prompt_offsets(question, run)
         return [i + shift for i, (a, b) in enumerate(offsets)
                 if b > a and any(a - begin < end and b - begin > start for start, end in spans)]
 
@@ -109,7 +123,7 @@ class ImageTokenAdapter(ModelAdapter):
 
     def vision_positions(self) -> int:
         rows, cols, _ = self.patch_grid
-        return rows * cols + 1  # [CLS] + patches
+        return self.first_patch + rows * cols  # [CLS] (where the tower has one) + patches
 
     def position_labels(self, run: Run) -> dict[str, list[str]]:
         rows, cols, _ = self.patch_grid
@@ -118,11 +132,15 @@ class ImageTokenAdapter(ModelAdapter):
         features = self.feature_labels()
         for feature, position in zip(features, self.image_positions(ids).tolist()):
             tokens[position] = f"<image {feature}>"
-        return {"vision": ["[CLS]"] + grid_labels(rows, cols), "projector": features, "lm": tokens}
+        return {"vision": ["[CLS]"] * self.first_patch + grid_labels(rows, cols), "projector": features, "lm": tokens}
 
     def feature_labels(self) -> list[str]:
+        return grid_labels(*self.feature_grid())
+
+    def feature_grid(self) -> tuple[int, int]:
+        """(rows, columns) of the image tokens that are grid cells over the whole image (heatmaps)."""
         rows, cols, _ = self.patch_grid
-        return grid_labels(rows, cols)
+        return rows, cols
 
     # ------------------------------------------------------------------ stages
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -134,23 +152,42 @@ class ImageTokenAdapter(ModelAdapter):
         return token_embeddings.masked_scatter(mask, features.to(token_embeddings.dtype))
 
     def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.answer_step_logits(self.merge(inputs.input_ids, token_embeddings, image_states),
-                                       inputs.input_ids[:, :0])[:, 0]
+        features = self.pack_features(image_states, self.image_geometry(inputs))
+        prompt = Prompt(self.merge(inputs.input_ids, token_embeddings, features), inputs.input_ids)
+        return self.answer_step_logits(prompt, inputs.input_ids[:, :0])[:, 0]
 
-    def answer_context(self, inputs) -> torch.Tensor:
-        features = self.encode_image(self.embed_image(inputs.pixel_values))
-        return self.merge(inputs.input_ids, self.embed_tokens(inputs.input_ids), features)
+    def answer_context(self, inputs) -> Prompt:
+        image_states = self.encode_image(self.embed_image(inputs.pixel_values))
+        features = self.pack_features(image_states, self.image_geometry(inputs))
+        return Prompt(self.merge(inputs.input_ids, self.embed_tokens(inputs.input_ids), features), inputs.input_ids)
 
-    def answer_step_logits(self, prompt: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 1 + K, V] of the answer steps after the prompt embeddings and a prefix [B, K]."""
-        embeds = torch.cat([prompt, self.embed_tokens(prefix)], dim=1)
-        hidden = self.lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    def answer_step_logits(self, prompt: Prompt, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1 + K, V] of the answer steps after the prompt and a prefix [B, K]."""
+        embeds = torch.cat([prompt.embeddings, self.embed_tokens(prefix)], dim=1)
+        hidden = self.lm_hidden(embeds, torch.cat([prompt.input_ids, prefix], dim=1))
         return self.model.lm_head(hidden[:, -(prefix.shape[1] + 1):])
+
+    def lm_hidden(self, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The language model's own forward: its last hidden states [B, T, D] (ids tell where images are)."""
+        return self.lm(inputs_embeds=embeddings, use_cache=False).last_hidden_state
+
+    def image_geometry(self, inputs) -> Any:
+        """What besides the projector's rows decides an input's image-token features (None in most families)."""
+        return None
+
+    def pack_features(self, projected: torch.Tensor, geometry: Any) -> torch.Tensor:
+        """The image-token features [N, I, D] from the projector's rows [N, P, D] (the same rows in most
+        families; tiles are unpadded and interleaved with newlines in LLaVA-NeXT)."""
+        return projected
+
+    def first_image_token(self, cache: dict, position: int) -> int:
+        """The first image token that a change at projector position `position` can reach."""
+        return position
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
         answers: list[str] = [""] * len(questions)
-        for index in self.batches_by_length(questions, self.answer_batch_size):
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
             inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
             ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
@@ -187,7 +224,7 @@ class ImageTokenAdapter(ModelAdapter):
     def trace_cache(self, run: Run, acts, kept) -> dict:
         """Each LM layer's rotated keys and values [1, KVH, T, d]: the prefix of every rerun."""
         ids = run.inputs.input_ids[0]
-        cache: dict = {"image_positions": self.image_positions(ids)}
+        cache: dict = {"image_positions": self.image_positions(ids), "geometry": self.image_geometry(run.inputs)}
         cache["kv"] = [block.keys_values(block.attn_norm(acts[("lm", l)]["x"][None]), self.rope(cache, 0, len(ids), l))
                        for l, block in enumerate(self.blocks["lm"])]
         return cache
@@ -207,10 +244,11 @@ class ImageTokenAdapter(ModelAdapter):
         image_positions = receiving.cache["image_positions"]
         if stream == "vision":
             hidden = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            features, first = self.vision_rerun(hidden, layer), 0
+            projected, first = self.vision_rerun(hidden, layer), 0
         else:
-            features = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            first = min(int(b.positions.min()) for b in batches)
+            projected = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
+            first = self.first_image_token(receiving.cache, min(int(b.positions.min()) for b in batches))
+        features = self.pack_features(projected, receiving.cache["geometry"])
         lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
         lm_input[:, image_positions] = features.to(lm_input.dtype)
         start = self.rerun_start(receiving.cache, int(image_positions[first]))
@@ -235,7 +273,7 @@ class ImageTokenAdapter(ModelAdapter):
 
     @abstractmethod
     def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Image features [N, I, D] from the vision stream's rows [N, P, Dv] after layer `layer`."""
+        """The projector's rows [N, P, D] from the vision stream's rows [N, Pv, Dv] after layer `layer`."""
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["lm"].layers - 1
@@ -269,9 +307,8 @@ class ImageTokenAdapter(ModelAdapter):
                                                        self.rope(trace.cache, 0, count, l),
                                                        self.lm_mask(trace.cache, l, 0, count))[0][..., grid]
                                for l, block in enumerate(self.blocks["lm"])])  # [L, H, T, I]
-        rows, cols, _ = self.patch_grid
         return ImageAttention("lm", "self_attn", weights, trace.acts[("lm", 0)]["x"][grid].float(), count - 1,
-                              (rows, cols))
+                              self.feature_grid())
 
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
         """The LM positions of the image tokens that are grid patches, row-major."""
