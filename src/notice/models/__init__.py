@@ -45,20 +45,28 @@ def adapter_class(model_type: str) -> type[ModelAdapter]:
 
 
 def _model_type(source: str) -> str:
-    """The model_type of a resolved source (see `resolve_model`): a folder's config.json, or the hub's."""
+    """The model_type of a resolved source (see `resolve_model`): a folder's config.json, or the hub's;
+    a family notice has no adapter for is a one-line error naming the checkpoint's class."""
     folder = Path(source)
     if folder.is_dir():
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise NoticeError(f"{folder} has no config.json: point --model at a folder written by save_pretrained")
-        return json.loads(config_file.read_text()).get("model_type", "")
-    from transformers import AutoConfig
+        config = json.loads(config_file.read_text())
+    else:
+        from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(source).model_type
-    except Exception as error:  # unknown id, gated repository, malformed config: all mean the same to a user
-        raise NoticeError(f"cannot load model {source!r}: the hub did not serve it ({error.__class__.__name__}); "
-                          f"check the id; {_choices(source)}, or pass a folder written by save_pretrained") from error
+        try:
+            config = AutoConfig.from_pretrained(source).to_dict()
+        except Exception as error:  # unknown id, gated repository, malformed config: all mean the same to a user
+            raise NoticeError(f"cannot load model {source!r}: the hub did not serve it ({error.__class__.__name__}); "
+                              f"check the id; {_choices(source)}, or pass a folder written by save_pretrained") from error
+    model_type = config.get("model_type", "")
+    if model_type not in FAMILIES:
+        architecture = (config.get("architectures") or [f"model type {model_type!r}"])[0]
+        raise NoticeError(f"model {source}: {architecture} is not supported; notice reads checkpoints of "
+                          f"{', '.join(sorted(FAMILIES))} (README: Model families), so pass one of those")
+    return model_type
 
 
 def _choices(name: str) -> str:

@@ -154,7 +154,7 @@ class Gemma3Adapter(ImageTokenAdapter):
         if stream == "vision":
             return super().embedding_sigma(stream, embeddings)
         table = self.lm.embed_tokens
-        return float(table.weight.float().std()) * float(table.embed_scale.to(table.weight.dtype))
+        return float(table.weight.detach().float().std()) * float(table.embed_scale.to(table.weight.dtype))
 
     def lm_hidden(self, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """The language model's own layers under Gemma 3's masks, given per layer type as additive masks
