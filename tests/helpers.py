@@ -352,3 +352,80 @@ def save_gemma3(folder: Path, arch: dict, seed: int = 0) -> Path:
     gemma3_model(arch, processor.tokenizer, seed).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------ LLaVA-NeXT, LLaVA-OneVision
+# anyres, shrunk: 16 px tiles of 2x2 patches; a 64x64 image fills the 32x32 pinpoint (a base tile + 2x2 tiles):
+# 4 base tokens + a 4x4 canvas + 4 newlines = 24 image tokens, the most any image gets here
+TINY_ANYRES = dict(image_size=16, patch_size=8, pinpoints=[[16, 16], [32, 32]], vision_hidden=32, vision_layers=3,
+                   vision_heads=4, vision_mlp=64, text_hidden=48, text_layers=3, text_heads=6, text_kv_heads=2,
+                   text_mlp=96, aspect_ratio="anyres_max_4")
+
+
+def anyres_configs(arch: dict, tower: str, vocab_size: int, pad_token_id: int) -> tuple[dict, dict]:
+    vision = dict(model_type=tower, image_size=arch["image_size"], patch_size=arch["patch_size"],
+                  hidden_size=arch["vision_hidden"], num_hidden_layers=arch["vision_layers"],
+                  num_attention_heads=arch["vision_heads"], intermediate_size=arch["vision_mlp"])
+    text = dict(vocab_size=vocab_size, hidden_size=arch["text_hidden"], num_hidden_layers=arch["text_layers"],
+                num_attention_heads=arch["text_heads"], num_key_value_heads=arch["text_kv_heads"],
+                intermediate_size=arch["text_mlp"], max_position_embeddings=512, pad_token_id=pad_token_id,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return vision, text
+
+
+def scaled_up(model):
+    """Random init leaves small norms: scale the matrices up so that the image matters to the answer."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+    return model.eval()
+
+
+def save_llava_onevision(folder: Path, arch: dict = TINY_ANYRES, seed: int = 0) -> Path:
+    """A random-init LLaVA-OneVision (SigLIP tiles, Qwen2 LM) saved as on the hub: the processor's parts and
+    its processor_config.json (its video processor, which needs torchvision, is left out)."""
+    import json
+
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil)
+
+    tokenizer = llava_tokenizer()
+    vision, text = anyres_configs(arch, "siglip_vision_model", len(tokenizer), tokenizer.pad_token_id)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=dict(text, model_type="qwen2"),
+                                  image_token_id=tokenizer.image_token_id, image_grid_pinpoints=arch["pinpoints"],
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio=arch["aspect_ratio"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    scaled_up(LlavaOnevisionForConditionalGeneration(config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    LlavaOnevisionImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]},
+                                    image_grid_pinpoints=arch["pinpoints"]).save_pretrained(folder)
+    grid = arch["image_size"] // arch["patch_size"]
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": grid * grid,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": arch["aspect_ratio"]}))
+    (folder / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+    return folder
+
+
+def save_llava_next(folder: Path, arch: dict = TINY_ANYRES, seed: int = 0) -> Path:
+    """A random-init LLaVA-NeXT (CLIP tiles, [CLS] dropped; Llama LM) with its processor, by save_pretrained."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor)
+
+    tokenizer = llava_tokenizer()
+    vision, text = anyres_configs(arch, "clip_vision_model", len(tokenizer), tokenizer.pad_token_id)
+    config = LlavaNextConfig(vision_config=dict(vision, projection_dim=arch["vision_hidden"]),
+                             text_config=dict(text, model_type="llama"), image_token_id=tokenizer.image_token_id,
+                             image_grid_pinpoints=arch["pinpoints"], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    scaled_up(LlavaNextForConditionalGeneration(config)).save_pretrained(folder)
+    size = arch["image_size"]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                                 image_grid_pinpoints=arch["pinpoints"])
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=arch["patch_size"],
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(folder)
+    return folder

@@ -34,6 +34,8 @@ FAMILIES = {
     "blip": "notice.models.blip:BlipAdapter",
     "llava": "notice.models.llava:LlavaAdapter",
     "gemma3": "notice.models.gemma3:Gemma3Adapter",
+    "llava_next": "notice.models.llava_next:LlavaNextAdapter",
+    "llava_onevision": "notice.models.llava_onevision:LlavaOnevisionAdapter",
 }
 
 

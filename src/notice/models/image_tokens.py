@@ -291,7 +291,8 @@ class ImageTokenAdapter(ModelAdapter):
         floats += 4 * self.vocab_size + 2 * lm.layers * tokens * kv_heads * lm.head_dim
         if stream == "vision":
             images = num_positions["vision"]
-            floats += 16 * images * vision.hidden + 3 * vision.heads * images * images
+            span = min(images, self.vision_positions())  # a tower that reads tiles attends within one
+            floats += 16 * images * vision.hidden + 3 * vision.heads * images * span
         return floats * max(self.dtype.itemsize, 4)
 
     # ---------------------------------------------------------- head functions
