@@ -368,7 +368,8 @@ def anyres_configs(arch: dict, tower: str, vocab_size: int, pad_token_id: int) -
                   num_attention_heads=arch["vision_heads"], intermediate_size=arch["vision_mlp"])
     text = dict(vocab_size=vocab_size, hidden_size=arch["text_hidden"], num_hidden_layers=arch["text_layers"],
                 num_attention_heads=arch["text_heads"], num_key_value_heads=arch["text_kv_heads"],
-                intermediate_size=arch["text_mlp"], max_position_embeddings=512, pad_token_id=pad_token_id,
+                intermediate_size=arch["text_mlp"], max_position_embeddings=arch.get("max_positions", 512),
+                pad_token_id=pad_token_id,
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     return vision, text
 
