@@ -1,5 +1,5 @@
 """Every command on saved tiny checkpoints of the image-token families beyond LLaVA (Gemma 3,
-LLaVA-OneVision): ask, pairs under the model's tokenizer, select, an answer-token head sweep with an
+LLaVA-OneVision, LLaVA-NeXT): ask, pairs under the model's tokenizer, select, an answer-token head sweep with an
 image-token sweep, head functions on easy-VQA's object masks, and the report."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from notice.cli import app
 
 runner = CliRunner()
 SAVE = {"gemma3": lambda folder: helpers.save_gemma3(folder, helpers.TINY_GEMMA3),
-        "llava_onevision": helpers.save_llava_onevision}
+        "llava_onevision": helpers.save_llava_onevision, "llava_next": helpers.save_llava_next}
 
 
 @pytest.mark.parametrize("family", list(SAVE))

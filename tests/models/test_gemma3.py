@@ -96,3 +96,14 @@ def test_an_unsupported_checkpoint_is_one_line_naming_its_class(tmp_path):
     assert result.exit_code == 2
     line = result.output.strip()
     assert "\n" not in line and "Idefics3ForConditionalGeneration is not supported" in line and "gemma3" in line
+
+
+def test_pan_and_scan_crops_are_refused_in_one_line(tmp_path):
+    from notice.errors import NoticeError
+    from notice.models.gemma3 import Gemma3Adapter
+
+    folder = helpers.save_gemma3(tmp_path / "gemma3", helpers.TINY_GEMMA3)
+    processor = Gemma3Adapter.load_processor(folder)
+    processor.image_processor.do_pan_and_scan = True
+    with pytest.raises(NoticeError, match="pan-and-scan crops.*do_pan_and_scan=False"):
+        Gemma3Adapter(load_model(str(folder)).model, processor, "crops")

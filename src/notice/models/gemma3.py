@@ -66,6 +66,9 @@ class Gemma3Adapter(ImageTokenAdapter):
         if processor.image_seq_length != config.mm_tokens_per_image:
             raise NoticeError(f"model {name!r}: its processor expands an image to {processor.image_seq_length} tokens "
                               f"but the model reads {config.mm_tokens_per_image}; save the model's own processor")
+        if processor.image_processor.do_pan_and_scan:
+            raise NoticeError(f"model {name!r}: its image processor cuts pan-and-scan crops, several image blocks per "
+                              "image, which notice does not patch; save the processor with do_pan_and_scan=False")
         self.image_token_id = int(config.image_token_id)
         self.grid = vision.image_size // vision.patch_size
         self.side = int(config.mm_tokens_per_image ** 0.5)

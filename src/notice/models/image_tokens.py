@@ -10,7 +10,9 @@ features, positions 0..I-1) and `lm` (positions index the expanded input ids). A
 query head never touches the keys or values its group shares. Patched LM rows rerun only from the
 first position a patch can change, over the receiving run's cached keys and values before it, and
 each row from the layer after its own patch (cells of every layer share one call).
-A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt template.
+A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt template; and, where it
+differs from LLaVA, how the projector's rows become image tokens (`pack_features`, `first_image_token`),
+its masks and rotary tables (`lm_mask`, `rope`, `lm_hidden`) and where a rerun must start (`rerun_start`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class ImageTokenAdapter(ModelAdapter):
 
     @classmethod
     def prompt_ids(cls, processor, question: str) -> list[int]:
-        """The expanded ids of a question's prompt (an image of any size gives the same expansion)."""
+        """The expanded ids of a question's prompt with the family's `nominal_image`."""
         encoded = processor(images=[[cls.nominal_image(processor)]], text=[chat_prompt(processor, question)],
                             return_tensors="pt", add_special_tokens=cls.add_special_tokens)
         return encoded["input_ids"][0].tolist()
@@ -72,8 +74,8 @@ class ImageTokenAdapter(ModelAdapter):
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
         """Processor inputs for one batch; the prompts must tokenize to one length."""
         check_batch(images, questions)
-        encoded = self.processor(images=[[image] for image in images], text=[self.prompt(q) for q in questions], return_tensors="pt",
-                                 padding=True, add_special_tokens=self.add_special_tokens)
+        encoded = self.processor(images=[[image] for image in images], text=[self.prompt(q) for q in questions],
+                                 return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens)
         if not bool(encoded["attention_mask"].all()):
             raise ValueError("prompts of one batch must have the same token length; use batches_by_length")
         encoded = encoded.to(self.device).to(self.dtype)
