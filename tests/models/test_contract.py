@@ -53,8 +53,7 @@ def test_adapter_declares_its_streams_maps_and_blocks(family):
     assert sum(f.reads_answer for f in adapter.streams.values()) == 1
     described = adapter.describe()
     assert described["family"] == spec.name and set(described["streams"]) == set(adapter.streams)
-    rows, cols = described["patch_grid"]
-    assert 0 < described["image_tokens"] <= rows * cols + 1  # one per patch, [CLS] too; fewer where patches merge
+    assert described["image_tokens"] > 0 and min(described["patch_grid"]) > 0  # pooling may take fewer than patches
 
 
 def test_notice_info_lists_streams_and_sites(family):
@@ -99,8 +98,8 @@ def test_greedy_generation_starts_with_the_logit_argmax(family):
              for i in adapter.answer_logits(images, questions).argmax(1).tolist()]
     answers = adapter.generate(images, questions, max_new_tokens=1)
 
-    def bare(text: str) -> str:  # decoding one token keeps a wordpiece's "##"; a sentence drops it
-        return text.replace("##", "").replace(" ", "")
+    def bare(text: str) -> str:  # decoding one token keeps a wordpiece's "##" and a newline; answers drop them
+        return text.replace("##", "").replace(" ", "").strip()
     assert [bare(a) for a in answers] == [bare(f) for f in first]
 
 
@@ -125,7 +124,9 @@ def test_positions_come_from_the_prepared_input(family):
     labels = adapter.position_labels(run)
     assert set(counts) == set(adapter.streams) == set(labels)
     assert all(len(labels[s]) == counts[s] for s in counts)
-    assert adapter.input_length(images[0], QUESTION) == inputs.input_ids.shape[1] in counts.values()
+    assert inputs.input_ids.shape[1] in counts.values()
+    if adapter.image_key(images[0]) is None:  # every image takes the same positions: token_length counts them
+        assert adapter.token_length(QUESTION) == inputs.input_ids.shape[1]
     answer = next(s for s, f in adapter.streams.items() if f.reads_answer)
     sites = expand_sites([f"{answer}.0.layer@answer", f"{answer}.0.layer@last"], adapter.streams, counts)
     assert [s.position for s in sites] == [counts[answer] - 1]
@@ -140,7 +141,7 @@ def test_hook_points_hold_every_position_and_heads_are_slices(family):
             site = parse_site(f"{stream}.{facts.layers - 1}.{component}" + (".head0" if component.endswith("attn")
                                                                              else ""))
             seen = []
-            with hooked(adapter, site, lambda t, seen=seen: seen.append(tuple(t.shape)) or t):
+            with hooked(adapter, site, lambda t, seen=seen: seen.append(tuple(t.shape)) or t, clean):
                 adapter.run_logits(clean)
             assert len(seen) == 1 and seen[0][:2] == (1, counts[stream]), (site, seen)
             columns = adapter.site_columns(site)

@@ -105,7 +105,7 @@ def test_lm_positions_are_the_models_multimodal_ones_and_matter(qwen):
     torch.testing.assert_close(adapter.rope_positions(trace.cache, 0, count), theirs)
     image_at = adapter.image_positions(ids[0])
     assert sorted(adapter.text_positions(ids[0]).tolist() + image_at.tolist()) == list(range(count))
-    rows, cols = adapter.token_grid(run)
+    rows, cols = adapter.feature_grid(run)
     height, width = theirs[1, 0, image_at], theirs[2, 0, image_at]  # row and column of each image token
     assert (height.view(rows, cols) - height[0]).tolist() == [[r] * cols for r in range(rows)]
     assert (width.view(rows, cols) - width[0]).tolist() == [list(range(cols))] * rows

@@ -35,6 +35,9 @@ FAMILIES = {
     "llava": "notice.models.llava:LlavaAdapter",
     "qwen2_vl": "notice.models.qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "notice.models.qwen2_vl:Qwen25VLAdapter",
+    "gemma3": "notice.models.gemma3:Gemma3Adapter",
+    "llava_next": "notice.models.llava_next:LlavaNextAdapter",
+    "llava_onevision": "notice.models.llava_onevision:LlavaOnevisionAdapter",
 }
 
 

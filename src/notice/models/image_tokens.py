@@ -10,13 +10,17 @@ features, positions 0..I-1) and `lm` (positions index the expanded input ids). A
 query head never touches the keys or values its group shares. Patched LM rows rerun only from the
 first position a patch can change, over the receiving run's cached keys and values before it, and
 each row from the layer after its own patch (cells of every layer share one call).
-A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt template.
+A family supplies its tower (`encode_image`, `vision_rerun`), paths and prompt template; and, where it
+differs from LLaVA: an image whose size decides its token count (`nominal_image`, `image_key`,
+`image_geometry`), how the projector's rows become image tokens (`pack_features`,
+`first_image_position`), its rotary positions, masks and forward (`rope_positions`, `rope`, `lm_mask`,
+`lm_prompt`, `lm_hidden`), what reruns keep (`run_cache`) and where a rerun must start (`rerun_start`).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 from PIL import Image
@@ -26,10 +30,19 @@ from notice.models.base import ImageAttention, ModelAdapter, PatchBatch, Run, Tr
 from notice.models.blocks.prenorm import Rope, causal_mask
 
 
+class Prompt(NamedTuple):
+    """What the LM reads of a prompt: its input embeddings [B, T, D], ids [B, T] and, in a family whose
+    rotary positions are not 0..T-1, their position ids (Qwen2-VL's M-RoPE: [3, B, T])."""
+
+    embeddings: torch.Tensor
+    input_ids: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
 class ImageTokenAdapter(ModelAdapter):
     cross_layer_streams = frozenset({"lm"})
     answer_batch_size = 16
-    prompt_image: ClassVar[tuple[int, int]] = (8, 8)  # (width, height) of the image `prompt_ids` expands
+    add_special_tokens: ClassVar[bool] = True  # False where the chat template writes BOS itself (Gemma 3)
     image_token_id: int
     lm_path: str  # the language model's decoder (embed_tokens, layers, norm, rotary_emb)
 
@@ -58,29 +71,34 @@ class ImageTokenAdapter(ModelAdapter):
 
     @classmethod
     def prompt_ids(cls, processor, question: str) -> list[int]:
-        """The expanded ids of a question's prompt with an image of `prompt_image` size (any size gives
-        the same expansion, except in families whose image-token count depends on the image)."""
-        encoded = processor(images=[Image.new("RGB", cls.prompt_image)], text=[chat_prompt(processor, question)],
-                            return_tensors="pt")
+        """The expanded ids of a question's prompt with the family's `nominal_image`."""
+        encoded = processor(images=[[cls.nominal_image(processor)]], text=[chat_prompt(processor, question)],
+                            return_tensors="pt", add_special_tokens=cls.add_special_tokens)
         return encoded["input_ids"][0].tolist()
+
+    @classmethod
+    def nominal_image(cls, processor) -> Image.Image:
+        """An image whose prompt is as long as any (every image expands alike in most families)."""
+        return Image.new("RGB", (8, 8))
 
     def prepare(self, images: Sequence[Image.Image], questions: Sequence[str]):
         """Processor inputs for one batch; the prompts must tokenize to one length."""
         check_batch(images, questions)
-        encoded = self.processor(images=list(images), text=[self.prompt(q) for q in questions], return_tensors="pt",
-                                 padding=True)
+        encoded = self.processor(images=[[image] for image in images], text=[self.prompt(q) for q in questions],
+                                 return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens)
         if not bool(encoded["attention_mask"].all()):
             raise ValueError("prompts of one batch must have the same token length; use batches_by_length")
         encoded = encoded.to(self.device).to(self.dtype)
         self.image_positions(encoded["input_ids"][0])  # checks the expansion once per batch
         return encoded
 
-    def _prompt_offsets(self, question: str) -> tuple[list[tuple[int, int]], int, int]:
+    def _prompt_offsets(self, question: str, run: Run | None = None) -> tuple[list[tuple[int, int]], int, int]:
         """Character spans of the unexpanded prompt's tokens, where the question starts in it, and how
-        many positions the image placeholders add (the question follows the image)."""
+        many positions the image placeholders add in `run` (the question follows the image)."""
         prompt = self.prompt(question)
-        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
-        return encoded["offset_mapping"], prompt.rindex(question), self.token_length(question) - len(encoded["input_ids"])
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=self.add_special_tokens)
+        length = self.token_length(question) if run is None else int(run.inputs.input_ids.shape[1])
+        return encoded["offset_mapping"], prompt.rindex(question), length - len(encoded["input_ids"])
 
     def question_positions(self, question: str) -> list[int]:
         """Positions of the tokens that spell the question within the full prompt."""
@@ -88,21 +106,14 @@ class ImageTokenAdapter(ModelAdapter):
         end = begin + len(question)
         return [i + shift for i, (a, b) in enumerate(offsets) if b > a and a < end and b > begin]
 
-    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+    def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (special tokens included) in the full prompt,
         matched by the characters they cover, after the image placeholders are expanded."""
         alone = self.tokenizer(question, return_offsets_mapping=True)["offset_mapping"]
         spans = [alone[p] for p in positions if alone[p][1] > alone[p][0]]
-        offsets, begin, shift = self._prompt_offsets(question)
+        offsets, begin, shift = self._prompt_offsets(question, run)
         return [i + shift for i, (a, b) in enumerate(offsets)
                 if b > a and any(a - begin < end and b - begin > start for start, end in spans)]
-
-    def resolve_noise(self, spec: dict[str, Any], prompt: str, run: Run, mask=None) -> dict[str, Any]:
-        resolved = super().resolve_noise(spec, prompt, run, mask)
-        if spec["stream"] == "text":  # the question follows the image: it moves with the run's image-token count
-            shift = int(run.inputs.input_ids.shape[1]) - self.token_length(prompt)
-            resolved["positions"] = [p + shift for p in resolved["positions"]]
-        return resolved
 
     # --------------------------------------------------------------- positions
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -128,20 +139,25 @@ class ImageTokenAdapter(ModelAdapter):
 
     def vision_positions(self) -> int:
         rows, cols, _ = self.patch_grid
-        return rows * cols + 1  # [CLS] + patches
+        return self.first_patch + rows * cols  # [CLS] (where the tower has one) + patches
 
     def position_labels(self, run: Run) -> dict[str, list[str]]:
         rows, cols, _ = self.patch_grid
         ids = run.inputs.input_ids[0]
         tokens = self.tokenizer.convert_ids_to_tokens(ids.tolist())
-        features = self.feature_labels()
+        features = self.feature_labels(run)
         for feature, position in zip(features, self.image_positions(ids).tolist()):
             tokens[position] = f"<image {feature}>"
-        return {"vision": ["[CLS]"] + grid_labels(rows, cols), "projector": features, "lm": tokens}
+        return {"vision": ["[CLS]"] * self.first_patch + grid_labels(rows, cols), "projector": features, "lm": tokens}
 
-    def feature_labels(self) -> list[str]:
+    def feature_labels(self, run: Run) -> list[str]:
+        return grid_labels(*self.feature_grid(run))
+
+    def feature_grid(self, run: Run) -> tuple[int, int]:
+        """(rows, columns) of the grid that the image tokens of `grid_positions` tile over the whole image,
+        row-major (heatmaps, head-function overlays)."""
         rows, cols, _ = self.patch_grid
-        return grid_labels(rows, cols)
+        return rows, cols
 
     # ------------------------------------------------------------------ stages
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -152,19 +168,44 @@ class ImageTokenAdapter(ModelAdapter):
         mask = (input_ids == self.image_token_id)[..., None]
         return token_embeddings.masked_scatter(mask, features.to(token_embeddings.dtype))
 
+    def lm_prompt(self, inputs, token_embeddings: torch.Tensor, image_states: torch.Tensor) -> Prompt:
+        """What the LM reads of prepared inputs: the token embeddings with the image states (the projector's
+        rows, packed into image tokens) at the image positions."""
+        features = self.pack_features(image_states, self.image_geometry(inputs))
+        return Prompt(self.merge(inputs.input_ids, token_embeddings, features), inputs.input_ids)
+
     def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.answer_step_logits(self.merge(inputs.input_ids, token_embeddings, image_states),
+        return self.answer_step_logits(self.lm_prompt(inputs, token_embeddings, image_states),
                                        inputs.input_ids[:, :0])[:, 0]
 
-    def answer_context(self, inputs) -> Any:
-        features = self.encode_images(inputs, self.embed_images(inputs))
-        return self.merge(inputs.input_ids, self.embed_tokens(inputs.input_ids), features)
+    def answer_context(self, inputs) -> Prompt:
+        return self.lm_prompt(inputs, self.embed_tokens(inputs.input_ids),
+                              self.encode_images(inputs, self.embed_images(inputs)))
 
-    def answer_step_logits(self, prompt: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 1 + K, V] of the answer steps after the prompt embeddings and a prefix [B, K]."""
-        embeds = torch.cat([prompt, self.embed_tokens(prefix)], dim=1)
-        hidden = self.lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    def answer_step_logits(self, prompt: Prompt, prefix: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 1 + K, V] of the answer steps after the prompt and a prefix [B, K]."""
+        embeds = torch.cat([prompt.embeddings, self.embed_tokens(prefix)], dim=1)
+        hidden = self.lm_hidden(embeds, torch.cat([prompt.input_ids, prefix], dim=1), prompt)
         return self.model.lm_head(hidden[:, -(prefix.shape[1] + 1):])
+
+    def lm_hidden(self, embeddings: torch.Tensor, input_ids: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+        """The language model's own forward over a prompt and the answer so far: its last hidden states
+        [B, T, D] (ids tell where images are; `prompt` holds the prompt's own position ids, if any)."""
+        return self.lm(inputs_embeds=embeddings, use_cache=False).last_hidden_state
+
+    def image_geometry(self, inputs) -> Any:
+        """What besides the projector's rows decides an input's image-token features (None in most families)."""
+        return None
+
+    def pack_features(self, projected: torch.Tensor, geometry: Any) -> torch.Tensor:
+        """The image-token features [N, I, D] from the projector's rows [N, P, D] (the same rows in most
+        families; tiles are unpadded and interleaved with newlines in LLaVA-NeXT)."""
+        return projected
+
+    def first_image_position(self, cache: dict, positions: torch.Tensor) -> int:
+        """The first LM position that a change at the projector's rows `positions` can reach: those rows'
+        own image tokens (cache["image_positions"] in the projector's order), unless packing mixes rows."""
+        return int(cache["image_positions"][positions].min())
 
     @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
@@ -210,8 +251,10 @@ class ImageTokenAdapter(ModelAdapter):
 
     def run_cache(self, run: Run) -> dict:
         """What reruns of a run need before its keys and values: "image_positions", the LM positions of
-        the projector's rows in their order (a family adds its position ids, masks, tower facts)."""
-        return {"image_positions": self.image_positions(run.inputs.input_ids[0])}
+        the image tokens in the order `pack_features` writes them, and the image's "geometry" (a family
+        adds its position ids, masks, tower facts)."""
+        return {"image_positions": self.image_positions(run.inputs.input_ids[0]),
+                "geometry": self.image_geometry(run.inputs)}
 
     def trace_cache(self, run: Run, acts, kept) -> dict:
         """Each LM layer's rotated keys and values [1, KVH, T, d]: the prefix of every rerun."""
@@ -236,10 +279,11 @@ class ImageTokenAdapter(ModelAdapter):
         image_positions = receiving.cache["image_positions"]
         if stream == "vision":
             hidden = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            features, first = self.vision_rerun(hidden, layer, receiving.cache), int(image_positions.min())
+            projected, first = self.vision_rerun(hidden, layer, receiving.cache), int(image_positions.min())
         else:
-            features = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            first = min(int(image_positions[b.positions].min()) for b in batches)
+            projected = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
+            first = min(self.first_image_position(receiving.cache, b.positions) for b in batches)
+        features = self.pack_features(projected, receiving.cache["geometry"])
         lm_input = receiving.acts[("lm", 0)]["x"][None].repeat(features.shape[0], 1, 1)  # [N, T, D]
         lm_input[:, image_positions] = features.to(lm_input.dtype)
         start = self.rerun_start(receiving.cache, first)
@@ -264,8 +308,8 @@ class ImageTokenAdapter(ModelAdapter):
 
     @abstractmethod
     def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict) -> torch.Tensor:
-        """Image features [N, I, D] (the projector's rows) from the vision stream's rows [N, P, Dv] after
-        layer `layer`; cache: the receiving run's (rotary tables and masks of a tower that has them)."""
+        """The projector's rows [N, P, D] from the vision stream's rows [N, Pv, Dv] after layer `layer`;
+        cache: the receiving run's (rotary tables and masks of a tower that has them)."""
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["lm"].layers - 1
@@ -283,7 +327,8 @@ class ImageTokenAdapter(ModelAdapter):
         floats += 4 * self.vocab_size + 2 * lm.layers * tokens * kv_heads * lm.head_dim
         if stream == "vision":
             images = num_positions["vision"]
-            floats += 16 * images * vision.hidden + 3 * vision.heads * images * images
+            span = min(images, self.vision_positions())  # a tower that reads tiles attends within one
+            floats += 16 * images * vision.hidden + 3 * vision.heads * images * span
         return floats * max(self.dtype.itemsize, 4)
 
     # ---------------------------------------------------------- head functions
@@ -300,16 +345,11 @@ class ImageTokenAdapter(ModelAdapter):
                                                        self.lm_mask(trace.cache, l, 0, count))[0][..., grid]
                                for l, block in enumerate(self.blocks["lm"])])  # [L, H, T, I]
         return ImageAttention("lm", "self_attn", weights, trace.acts[("lm", 0)]["x"][grid].float(), count - 1,
-                              self.token_grid(run))
+                              self.feature_grid(run))
 
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
         """The LM positions of the image tokens that are grid patches, row-major."""
         return image_positions
-
-    def token_grid(self, run: Run) -> tuple[int, int]:
-        """(rows, columns) of the grid that the image tokens of `grid_positions` tile, row-major."""
-        rows, cols, _ = self.patch_grid
-        return rows, cols
 
 
 def chat_prompt(processor, question: str) -> str:

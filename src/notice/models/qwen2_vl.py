@@ -18,7 +18,6 @@ dimension; its position rows are the patches in the tower's order, which their l
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from PIL import Image
 from notice.errors import NoticeError
 from notice.models.base import Run, StreamFacts, StreamMap, Trace, mask_patch_positions, resolve_dtype
 from notice.models.blocks import EncoderBlock
-from notice.models.image_tokens import ImageTokenAdapter
+from notice.models.image_tokens import ImageTokenAdapter, Prompt
 from notice.models.llava import llama_block
 
 STREAM_MAPS = {
@@ -39,14 +38,6 @@ STREAM_MAPS = {
                     heads={"self_attn": "self_attn.o_proj"}),
 }
 REFERENCE_IMAGE = (448, 448)  # (height, width) whose image-token count `notice info` reports
-
-
-@dataclass
-class Prompt:
-    """What every answer step reads: the prompt's LM input [B, T, D] and its M-RoPE positions [3, B, T]."""
-
-    embeddings: torch.Tensor
-    positions: torch.Tensor
 
 
 def tower_block(block) -> EncoderBlock:
@@ -69,7 +60,7 @@ def segment_mask(bounds: torch.Tensor, count: int) -> torch.Tensor | None:
 class Qwen2VLAdapter(ImageTokenAdapter):
     family = "qwen2_vl"
     lm_path = "model.language_model"
-    prompt_image = REFERENCE_IMAGE[::-1]  # token_length counts a reference image's tokens
+    first_patch = 0  # no [CLS]: every vision position is a patch
     model_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
 
@@ -131,6 +122,12 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         return cls(model.to(device), cls.load_processor(source), name or str(source))
 
     @classmethod
+    def nominal_image(cls, processor) -> Image.Image:
+        """A REFERENCE_IMAGE-sized image: token_length counts its image tokens (each image has its own)."""
+        height, width = REFERENCE_IMAGE
+        return Image.new("RGB", (width, height))
+
+    @classmethod
     def load_processor(cls, source: str | Path):
         import transformers
         from transformers.utils import is_torchvision_available
@@ -165,11 +162,12 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         return rows * cols // self.merge_size ** 2
 
     def input_length(self, image: Image.Image, question: str) -> int:
+        """The positions a question's prompt takes with this image (token_length counts REFERENCE_IMAGE's)."""
         rows, cols = self.image_grid(image)
         return self.token_length(question) - self.image_token_count() + rows * cols // self.merge_size ** 2
 
-    def batch_key(self, image: Image.Image, question: str) -> tuple[int, tuple[int, int]]:
-        return self.input_length(image, question), self.image_grid(image)
+    def image_key(self, image: Image.Image) -> tuple[int, int]:
+        return self.image_grid(image)
 
     def unit_order(self, grid: tuple[int, int]) -> torch.Tensor:
         """The merged units (raster index over the grid of merge × merge blocks) in the tower's order."""
@@ -184,7 +182,7 @@ class Qwen2VLAdapter(ImageTokenAdapter):
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, images, questions):
-        """Processor inputs for one batch; the images must give one grid (see `batch_key`)."""
+        """Processor inputs for one batch; the images must give one grid (see `image_key`)."""
         encoded = super().prepare(images, questions)
         if len({tuple(g) for g in encoded["image_grid_thw"].tolist()}) > 1:
             raise ValueError("images of one batch must give one patch grid; use batches_by_length with the images")
@@ -212,7 +210,7 @@ class Qwen2VLAdapter(ImageTokenAdapter):
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
         return image_positions.sort().values
 
-    def token_grid(self, run: Run) -> tuple[int, int]:
+    def feature_grid(self, run: Run) -> tuple[int, int]:
         rows, cols = self.run_grid(run)
         return rows // self.merge_size, cols // self.merge_size
 
@@ -237,7 +235,8 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         return lm_order[self.unit_order(self.run_grid(run)).to(lm_order.device)]
 
     def run_cache(self, run: Run) -> dict:
-        return {"image_positions": self.projector_positions(run), "mrope": self.lm_position_ids(run.inputs)[:, :1]}
+        return dict(super().run_cache(run), image_positions=self.projector_positions(run),
+                    mrope=self.lm_position_ids(run.inputs)[:, :1])
 
     def lm_position_ids(self, inputs) -> torch.Tensor:
         """M-RoPE position ids [3, B, T] of prepared inputs, by the model's own `get_rope_index`."""
@@ -248,11 +247,6 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         return cache["mrope"][:, :, start:start + count]
 
     # ------------------------------------------------------------------- noise
-    def embedding_sigma(self, stream: str, embeddings: torch.Tensor) -> float:
-        if stream == "vision":  # no [CLS]: every position is a patch
-            return float(embeddings.float().std())
-        return super().embedding_sigma(stream, embeddings)
-
     def resolve_noise(self, spec: dict[str, Any], prompt: str, run: Run, mask=None) -> dict[str, Any]:
         """Image positions index the patch embeddings, merged unit by unit (the processor's order)."""
         if spec["stream"] != "vision":
@@ -295,22 +289,17 @@ class Qwen2VLAdapter(ImageTokenAdapter):
             handle.remove()
         return torch.cat(out.pooler_output).view(image_embeddings.shape[0], -1, self.streams["lm"].hidden)
 
-    def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
-        prompt = Prompt(self.merge(inputs.input_ids, token_embeddings, image_states),
-                        self.lm_position_ids(inputs))
-        return self.answer_step_logits(prompt, inputs.input_ids[:, :0])[:, 0]
+    def lm_prompt(self, inputs, token_embeddings: torch.Tensor, image_states: torch.Tensor) -> Prompt:
+        return super().lm_prompt(inputs, token_embeddings, image_states)._replace(positions=self.lm_position_ids(inputs))
 
-    def answer_context(self, inputs) -> Prompt:
-        return Prompt(super().answer_context(inputs), self.lm_position_ids(inputs))
-
-    def answer_step_logits(self, prompt: Any, prefix: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 1 + K, V] after the prompt and a teacher-forced prefix [B, K], whose positions
-        continue one by one after the prompt's largest (as in generation)."""
-        embeds = torch.cat([prompt.embeddings, self.embed_tokens(prefix)], dim=1)
-        after = prompt.positions.amax(dim=(0, 2))[:, None] + 1 + torch.arange(prefix.shape[1], device=prefix.device)
+    def lm_hidden(self, embeddings: torch.Tensor, input_ids: torch.Tensor, prompt: Prompt) -> torch.Tensor:
+        """The LM under the prompt's M-RoPE positions; the answer's tokens after the prompt continue one by
+        one after its largest position (as in generation)."""
+        assert prompt.positions is not None, "Qwen2-VL prompts carry their M-RoPE positions"
+        extra = torch.arange(input_ids.shape[1] - prompt.positions.shape[2], device=input_ids.device)
+        after = prompt.positions.amax(dim=(0, 2))[:, None] + 1 + extra
         positions = torch.cat([prompt.positions, after[None].expand(3, -1, -1)], dim=2)
-        hidden = self.lm(inputs_embeds=embeds, position_ids=positions, use_cache=False).last_hidden_state
-        return self.model.lm_head(hidden[:, -(prefix.shape[1] + 1):])
+        return self.lm(inputs_embeds=embeddings, position_ids=positions, use_cache=False).last_hidden_state
 
     # ---------------------------------------------------------------- patching
     def trace(self, run: Run, streams: set[str] | None = None) -> Trace:
