@@ -43,6 +43,7 @@ class ImageTokenAdapter(ModelAdapter):
     cross_layer_streams = frozenset({"lm"})
     answer_batch_size = 16
     add_special_tokens: ClassVar[bool] = True  # False where the chat template writes BOS itself (Gemma 3)
+    fixed_image_tokens: ClassVar[bool] = True  # False where the image's size decides its token count
     image_token_id: int
     lm_path: str  # the language model's decoder (embed_tokens, layers, norm, rotary_emb)
 
@@ -119,7 +120,9 @@ class ImageTokenAdapter(ModelAdapter):
     def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The LM positions holding image features, in feature order, of one prompt's ids [T]."""
         where = (input_ids == self.image_token_id).nonzero().flatten()
-        if len(where) != self.image_token_count():
+        if len(where) == 0:
+            raise NoticeError("the prompt holds no image tokens: put exactly one image in the prompt")
+        if self.fixed_image_tokens and len(where) != self.image_token_count():
             raise NoticeError(f"the prompt holds {len(where)} image tokens, not {self.image_token_count()}: "
                               "put exactly one image in the prompt")
         return where
@@ -136,6 +139,11 @@ class ImageTokenAdapter(ModelAdapter):
         rows, cols, _ = self.patch_grid
         return {"vision": self.vision_positions(), "projector": self.image_token_count(),
                 "lm": int(run.inputs.input_ids.shape[1])}
+
+    def vision_span(self, positions: int) -> int:
+        """How many of an image's `positions` vision positions one of them attends to: all of them, unless
+        the tower reads tiles (LLaVA-NeXT)."""
+        return positions
 
     def vision_positions(self) -> int:
         rows, cols, _ = self.patch_grid
@@ -327,8 +335,7 @@ class ImageTokenAdapter(ModelAdapter):
         floats += 4 * self.vocab_size + 2 * lm.layers * tokens * kv_heads * lm.head_dim
         if stream == "vision":
             images = num_positions["vision"]
-            span = min(images, self.vision_positions())  # a tower that reads tiles attends within one
-            floats += 16 * images * vision.hidden + 3 * vision.heads * images * span
+            floats += 16 * images * vision.hidden + 3 * vision.heads * images * self.vision_span(images)
         return floats * max(self.dtype.itemsize, 4)
 
     # ---------------------------------------------------------- head functions

@@ -36,6 +36,7 @@ _LARGEST: dict[int, tuple[Any, tuple[int, int]]] = {}  # id(processor) → (proc
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+    fixed_image_tokens = False
 
     def __init__(self, model, processor, name: str):
         super().__init__(model, processor, name)
@@ -97,14 +98,11 @@ class LlavaNextAdapter(LlavaAdapter):
         config = self.model.config
         return image_size_to_num_patches(list(geometry), config.image_grid_pinpoints, config.vision_config.image_size)
 
+    def vision_span(self, positions: int) -> int:
+        return min(positions, self.tile_positions)
+
     def stream_rows(self, stream: str, run: Run) -> int:
         return self.tiles(self.image_geometry(run.inputs)) if stream in ("vision", "projector") else 1
-
-    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        where = (input_ids == self.image_token_id).nonzero().flatten()
-        if len(where) == 0:
-            raise NoticeError("the prompt holds no image tokens: put exactly one image in the prompt")
-        return where
 
     def image_token_count(self) -> int:
         """Image tokens of the largest expansion (see `nominal_image`)."""

@@ -61,6 +61,7 @@ class Qwen2VLAdapter(ImageTokenAdapter):
     family = "qwen2_vl"
     lm_path = "model.language_model"
     first_patch = 0  # no [CLS]: every vision position is a patch
+    fixed_image_tokens = False
     model_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
 
@@ -199,13 +200,6 @@ class Qwen2VLAdapter(ImageTokenAdapter):
                               f"one ({tokens[0]} and {tokens[1]} image tokens): a pair's images must give one grid; "
                               "resize both to one size")
         return super().runs_for(clean_image, corrupt_image, clean_prompt, corrupt_prompt, noise)
-
-    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The LM positions of the image tokens of one prompt's ids [T], row-major over the merged grid."""
-        where = (input_ids == self.image_token_id).nonzero().flatten()
-        if len(where) == 0:
-            raise NoticeError("the prompt holds no image token: put exactly one image in the prompt")
-        return where
 
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
         return image_positions.sort().values
