@@ -297,13 +297,18 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
           workers: Optional[int] = typer.Option(None, "--workers", help="Spread the pairs over N Ray workers (one "
                                                                         "model each; needs notice[ray])."),
           ray_address: Optional[str] = typer.Option(None, "--ray-address", help="A Ray cluster to join (host:port "
-                                                                                 "or auto); default: a local one.")) -> None:
+                                                                                 "or auto); default: a local one."),
+          method: str = typer.Option("exact", "--method", help="exact (one rerun per cell), atp or atp* (every cell "
+                                                               "estimated from gradients; see README)."),
+          verify_top: Optional[int] = typer.Option(None, "--verify-top", help="With atp/atp*: also patch each pair's "
+                                                                              "K highest-ranked cells exactly.")) -> None:
     """Activation patching of every site on every pair: a resumable long results table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from notice.models import load_model
     from notice.pairs import pairs_provenance, read_pairs
     from notice.patching.engine import count_cells, patch_pairs
+    from notice.patching.attribution import METHODS
     from notice.patching.metrics import DIRECTIONS
     from notice.store import count_done, file_record
 
@@ -319,7 +324,14 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
             ("--out", out, check.output_folder), ("--max-memory", max_memory, check.memory),
             ("--batch-size", batch_size, check.whole(1, optional=True)), ("--device", device, check.device),
             ("--dtype", dtype, check.dtype), ("--limit", limit, check.whole(1, optional=True)),
-            ("--workers", workers, check.whole(1, optional=True))])[0]
+            ("--workers", workers, check.whole(1, optional=True)),
+            ("--method", method, check.one_of(METHODS, "method")),
+            ("--verify-top", verify_top, check.whole(1, optional=True))])[0]
+        if verify_top is not None and method == "exact":
+            raise NoticeError(f"--verify-top {verify_top} verifies estimates: use it with --method atp or atp*")
+        if method != "exact" and any(p.strip().endswith("@all") for p in patterns):
+            raise NoticeError(f"--method {method}: @all patches every position at once, which is no single node to "
+                              "attribute; give positions (a number, *, last or answer) or use --method exact")
         if ray_address is not None and workers is None:
             raise NoticeError(f"--ray-address {ray_address} needs --workers N: say how many workers to start")
         records = read_pairs(pairs)[:limit]
@@ -348,7 +360,7 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
                 bar.update(task, total=sum(count_cells(adapter, records, patterns)))
                 summary = patch_pairs(adapter, records, patterns, out, direction, max_memory=max_memory,
                                       batch_size=batch_size, checks=checks, progress=advance, model_name=model,
-                                      dtype=dtype, provenance=provenance)
+                                      dtype=dtype, provenance=provenance, method=method, verify_top=verify_top)
             else:
                 from notice.executors.ray import patch_pairs_on_ray
                 from notice.models import resolve_model
@@ -362,7 +374,8 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
                                              address=ray_address, device=device, dtype=dtype, max_memory=max_memory,
                                              batch_size=batch_size, checks=checks, provenance=provenance,
                                              on_total=lambda cells: bar.update(task, total=cells),
-                                             progress=advance, on_pair=pair_done)
+                                             progress=advance, on_pair=pair_done, method=method,
+                                             verify_top=verify_top)
     console.print(f"{summary['done']} pairs patched, {summary['skipped']} already done, {summary['cells']} cells "
                   f"in all; results in {out}")
     if summary.get("failed"):  # not bad input: workers died on these pairs every time they were tried
@@ -370,6 +383,47 @@ def patch(pairs: Path = typer.Argument(..., help="Pairs file (Parquet, from `not
                           f"({', '.join(summary['failed'])}); rerun the same command to try them again",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
+
+
+@app.command()
+def compare(estimated: Path = typer.Argument(..., help="Results folder of `notice patch --method atp|atp*`."),
+            exact: Optional[Path] = typer.Argument(None, help="Results folder of an exact sweep of the same pairs and "
+                                                              "sites (default: the verified rows of ESTIMATED)."),
+            k: int = typer.Option(20, "--k", help="The exact top-k cells that should be found..."),
+            k_prime: int = typer.Option(100, "--k-prime", help="...inside the estimate's top-k'."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Also write the per-pair agreement here (CSV).")) -> None:
+    """How an attribution-patching ranking agrees with exact patching: Spearman, recall of the exact top-k
+    within the estimated top-k', and the largest misses."""
+    from notice.patching.attribution import compare_tables
+    from notice.store import load_results
+
+    with _boundary():
+        check.check_all([("ESTIMATED", estimated, check.existing_folder), ("--k", k, check.whole(1)),
+                         ("--k-prime", k_prime, check.whole(1))]
+                        + ([("EXACT", exact, check.existing_folder)] if exact is not None else [])
+                        + ([("--out", out, check.output_file)] if out is not None else []))
+        table = load_results(estimated)
+        approx = table[table["method"].isin(["atp", "atp*"])]
+        reference = load_results(exact) if exact is not None else table
+        reference = reference[reference["method"] == "exact"]
+        if approx.empty or reference.empty:
+            raise NoticeError(f"{estimated}: no {'estimated' if approx.empty else 'exact'} rows to compare; give the "
+                              "results of --method atp or atp* and an exact sweep of the same pairs")
+        result = compare_tables(approx, reference, k, k_prime)
+    console.print(f"{result['pairs']} pairs: Spearman (median) {result['spearman_median']:.3f}; exact top-{k} inside "
+                  f"the estimated top-{k_prime}: {100 * result[f'recall@{k}in{k_prime}_mean']:.1f}% of cells, in every "
+                  f"pair {100 * result['pairs_with_all_inside']:.0f}% of the time", highlight=False)
+    if not result["largest_misses"].empty:
+        table_view = Table("pair", "site", "exact |effect|", "rank in estimate", title="largest misses")
+        for row in result["largest_misses"].itertuples():
+            table_view.add_row(str(row.pair_id), str(row.site), f"{row.exact_effect:.3f}", str(row.estimate_rank))
+        console.print(table_view)
+    if out is not None:
+        from notice.io import atomic_path
+
+        with atomic_path(out) as tmp:
+            result["per_pair"].to_csv(tmp, index=False)
+        console.print(f"wrote {out}", highlight=False)
 
 
 @app.command()

@@ -46,6 +46,8 @@ class RunConfig:
     sites: tuple[str, ...] = DEFAULT_SITES
     direction: str = "denoise"
     max_memory: str = "8GB"
+    method: str = "exact"  # or "atp" / "atp*": cells estimated by attribution patching
+    verify_top: int | None = None  # with atp/atp*: each pair's top cells also patched exactly
     executor: str = "local"  # or "ray": pairs spread over `workers` Ray actors (on `address`, or a local cluster)
     workers: int | None = None
     address: str | None = None
@@ -66,7 +68,8 @@ def _checks() -> tuple[dict[str, Check], dict[str, dict[str, Check]], dict[str, 
     sections = {"select": {"threshold": check.number(0), "max_per_cell": check.whole(1, optional=True),
                            "balance": check.flag},
                 "patch": {"sites": check.site_patterns, "direction": check.one_of(DIRECTIONS, "direction"),
-                          "max_memory": check.memory, "executor": check.one_of(("local", "ray"), "executor"),
+                          "max_memory": check.memory, "method": check.one_of(("exact", "atp", "atp*"), "method"),
+                          "verify_top": check.whole(1, optional=True), "executor": check.one_of(("local", "ray"), "executor"),
                           "workers": check.whole(1, optional=True), "address": check.text(optional=True)},
                 "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1),
                            "rule": check.head_rules}}
@@ -240,7 +243,8 @@ def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence
 
         summary = patch_pairs_on_ray(config.model, pairs, sites, folder, config.direction, workers=config.workers or 1,
                                      address=config.address, device=config.device, dtype=config.dtype,
-                                     max_memory=config.max_memory, provenance=provenance,
+                                     max_memory=config.max_memory, provenance=provenance, method=config.method,
+                                     verify_top=config.verify_top,
                                      progress=lambda cells, skipped: progress.update(bar, advance=cells))
         if summary["failed"]:
             raise NoticeError(f"{len(summary['failed'])} pair(s) lost their worker on every try "
@@ -248,7 +252,7 @@ def patch_all(adapter, pairs, config: RunConfig, progress, pairs_files: Sequence
         return folder
     patch_pairs(adapter, pairs, sites, folder, direction=config.direction, max_memory=config.max_memory,
                 progress=lambda cells, skipped: progress.update(bar, advance=cells), model_name=config.model,
-                dtype=config.dtype, provenance=provenance)
+                dtype=config.dtype, provenance=provenance, method=config.method, verify_top=config.verify_top)
     return folder
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -258,3 +260,30 @@ def test_notice_patch_runs_an_answer_head_sweep_and_an_image_sweep(family, tmp_p
     assert set(table["stream"]) == {answer, image_stream} and table["ld"].notna().all()
     positions = adapter.num_positions(pair_runs(adapter, pairs["image_smp"])[0])
     assert len(table[table["stream"] == image_stream]) == 2 * positions[image_stream]
+
+
+@pytest.mark.parametrize("method", ["atp", "atp*"])
+def test_attribution_patching_estimates_every_site_kind(family, method):
+    from notice.patching.attribution import attribute_pair
+
+    _, _, adapter, pairs = family
+    pair = pairs["image_smp"]
+    sites = [s for s in helpers.every_site_kind(adapter, pair) if not s.endswith("@all")]
+    estimate, exact = attribute_pair(adapter, pair, sites, method=method), patch_pair(adapter, pair, sites)
+    assert list(estimate["site"]) == list(exact["site"]) and list(estimate.columns) == list(exact.columns)
+    assert set(estimate["method"]) == {method} and estimate["p_correct"].isna().all()
+    assert np.isfinite(estimate["ld"]).all() and (estimate["score"] >= 0).all() and estimate["score"].max() > 0
+
+
+def test_attention_inputs_reproduce_the_traced_head_values(family):
+    """What attention_inputs says each head reads (queries, keys, values, mask: rotary tables, windows,
+    tiles, bidirectional image blocks) gives back the head values the model itself computed."""
+    _, _, adapter, pairs = family
+    trace = adapter.trace(pair_runs(adapter, pairs["image_smp"])[0])
+    for stream, facts in adapter.streams.items():
+        for component in (c for c in facts.components if c.endswith("attn")):
+            for layer in sorted({0, facts.layers - 1}):
+                read = adapter.attention_inputs(trace, stream, layer, component)
+                z = (read.log_pattern().exp() @ read.v.double()).transpose(0, 1)  # [T, H, d]
+                traced = trace.acts[(stream, layer)][f"{component}.z"]
+                torch.testing.assert_close(z.reshape(len(traced), -1).float(), traced.float(), **CLOSE)

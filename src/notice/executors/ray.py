@@ -109,9 +109,9 @@ class PatchWorker:
         return count_cells(self.adapter, pairs, sites)
 
     def patch(self, pair: Pair, sites: Sequence[str], direction: str, options: dict[str, Any]) -> int:
-        from notice.patching.engine import patch_pair
+        from notice.patching.attribution import pair_results
 
-        frame = patch_pair(self.adapter, pair, sites, direction, model_name=self.model_name, **options)
+        frame = pair_results(self.adapter, pair, sites, direction, model_name=self.model_name, **options)
         self.store.write(pair.id, frame)
         return len(frame)
 
@@ -122,7 +122,8 @@ def patch_pairs_on_ray(model: str, pairs: Sequence[Pair], sites: Sequence[str], 
                        provenance: dict | None = None, on_total: Callable[[int], None] | None = None,
                        progress: Callable[[int, bool], None] | None = None,
                        on_pair: Callable[[], None] | None = None, max_retries: int = MAX_RETRIES,
-                       on_start: Callable[[list], None] | None = None, threads: int | None = None) -> dict:
+                       on_start: Callable[[list], None] | None = None, threads: int | None = None,
+                       method: str = "exact", verify_top: int | None = None) -> dict:
     """The resumable sweep of `engine.patch_pairs`, with pairs spread over `workers` Ray actors, each with
     `threads` torch threads (default: the cluster's CPUs split between them).
 
@@ -139,7 +140,7 @@ def patch_pairs_on_ray(model: str, pairs: Sequence[Pair], sites: Sequence[str], 
                           "pair ids must be unique")
     with cluster(address, workers, device) as ray:
         manifest = {"model": model, "sites": list(sites), "direction": direction, "dtype": dtype,
-                    "answer_scoring": "first_token", **(provenance or {})}
+                    "answer_scoring": "first_token", "method": method, "verify_top": verify_top, **(provenance or {})}
         store = ResultStore(out, manifest)  # refuses a folder of another sweep before any actor starts
         gpu = device.startswith("cuda")
         cpus = threads or max(1, int(ray.cluster_resources().get("CPU", workers)) // workers)
@@ -168,7 +169,8 @@ def patch_pairs_on_ray(model: str, pairs: Sequence[Pair], sites: Sequence[str], 
                     todo.append(pair)
             if on_start is not None:
                 on_start(actors)
-            options = {"max_memory": max_memory, "batch_size": batch_size, "checks": checks}
+            options = {"method": method, "verify_top": verify_top, "max_memory": max_memory, "batch_size": batch_size,
+                       "checks": checks}
 
             def finished(pair: Pair, cells: int) -> None:
                 if on_pair is not None:

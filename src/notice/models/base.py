@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from notice.errors import NoticeError
+from notice.models.blocks import BertBlock, EncoderBlock
+from notice.models.blocks.attention import AttentionInputs
 
 ALL = "all"
 ANSWER_SCORING = ("first_token", "sequence")
@@ -397,8 +399,8 @@ class ModelAdapter(ABC):
         """The scale of Gaussian-noise corruption: std of the token-embedding matrix (text, as in
         ROME's causal tracing) or of the given image's patch embeddings (vision, [CLS] excluded)."""
         if stream == "vision":
-            return float(embeddings[:, self.first_patch:].float().std())
-        return float(self.word_embeddings.weight.float().std())
+            return float(embeddings[:, self.first_patch:].detach().float().std())
+        return float(self.word_embeddings.weight.detach().float().std())
 
     # -------------------------------------------------------------------- runs
     def runs_for(self, clean_image, corrupt_image, clean_prompt: str, corrupt_prompt: str,
@@ -412,18 +414,19 @@ class ModelAdapter(ABC):
                               "equal lengths")
         return Run(clean), Run(corrupt, [noise] if noise is not None else None)
 
-    @torch.no_grad()
-    def run_logits(self, run: Run) -> torch.Tensor:
-        """The plain forward of a run through the model's own modules: [B, V] float32."""
-        image, tokens = self.embed_images(run.inputs), self.embed_tokens(run.inputs.input_ids)
-        if run.noise is not None:
-            image, tokens = image.clone(), tokens.clone()
-            for row, spec in enumerate(run.noise):
-                if spec is not None:
-                    target = image if spec["stream"] == "vision" else tokens
-                    target[row:row + 1] = add_noise(target[row:row + 1], spec,
-                                                    self.embedding_sigma(spec["stream"], target[row:row + 1]))
-        return self.logits_from_states(run.inputs, self.encode_images(run.inputs, image), tokens).float()
+    def run_logits(self, run: Run, grad: bool = False) -> torch.Tensor:
+        """The plain forward of a run through the model's own modules: [B, V] float32 (differentiable with
+        `grad`, for attribution patching)."""
+        with torch.set_grad_enabled(grad):
+            image, tokens = self.embed_images(run.inputs), self.embed_tokens(run.inputs.input_ids)
+            if run.noise is not None:
+                image, tokens = image.clone(), tokens.clone()
+                for row, spec in enumerate(run.noise):
+                    if spec is not None:
+                        target = image if spec["stream"] == "vision" else tokens
+                        target[row:row + 1] = add_noise(target[row:row + 1], spec,
+                                                        self.embedding_sigma(spec["stream"], target[row:row + 1]))
+            return self.logits_from_states(run.inputs, self.encode_images(run.inputs, image), tokens).float()
 
     @abstractmethod
     def num_positions(self, run: Run) -> dict[str, int]:
@@ -548,6 +551,21 @@ class ModelAdapter(ABC):
             rows = self.blocks[batch.stream][batch.layer].finish(batch.target, value, lambda name: mine[name][index],
                                                                  **context)
         return scatter_rows(mine["layer"][start:], index - start, rows)
+
+    def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
+        """What one attention's heads read in a traced run (AtP*'s QK fix recomputes their patterns); the
+        blocks that need nothing but the layer's input are answered here, a family answers the rest."""
+        block, store = self.blocks[stream][layer], trace.acts[(stream, layer)]
+        if isinstance(block, EncoderBlock):
+            return block.attention_inputs(store["x"])
+        if isinstance(block, BertBlock) and component == "self_attn":
+            return block.self_inputs(store["x"])
+        raise NoticeError(f"AtP* has no attention inputs for {stream}.{layer}.{component} of {self.family} models")
+
+    @property
+    def gradient_streams(self) -> tuple[str, ...]:
+        """The streams that carry the answer, whose layers GradDrop visits (default: the one reading it)."""
+        return tuple(name for name, facts in self.streams.items() if facts.reads_answer)
 
     @abstractmethod
     def full_patch_sites(self, modality: str) -> list[str]:

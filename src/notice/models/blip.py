@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from notice.errors import NoticeError
+from notice.models.blocks.attention import AttentionInputs
 from notice.models.base import (ImageAttention, ModelAdapter, PatchBatch, Run, StreamFacts, StreamMap, Trace,
                                 check_batch, grid_labels, resolve_dtype)
 from notice.models.blocks import BertBlock, CrossAttention, EncoderBlock
@@ -181,7 +182,7 @@ class BlipAdapter(ModelAdapter):
         """Cross-attention keys/values of the unchanged memories (the image for text reruns, the question
         for decoder reruns), and the streams' inputs, where reruns of earlier streams enter."""
         question_states = acts[("text", self.streams["text"].layers - 1)]["layer"]
-        return {"text_kv": [b.cross_kv(kept["image_states"]) for b in self.blocks["text"]],
+        return {"image_states": kept["image_states"], "text_kv": [b.cross_kv(kept["image_states"]) for b in self.blocks["text"]],
                 "decoder_kv": [b.cross_kv(question_states) for b in self.blocks["decoder"]],
                 "text_input": acts[("text", 0)]["x"], "decoder_input": acts[("decoder", 0)]["x"]}
 
@@ -213,6 +214,16 @@ class BlipAdapter(ModelAdapter):
         for l in range(start, self.streams[stream].layers):
             hidden = self.blocks[stream][l].forward(hidden, memory[l] if isinstance(memory, list) else memory)
         return hidden
+
+    @property
+    def gradient_streams(self) -> tuple[str, ...]:
+        return ("text", "decoder")
+
+    def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
+        if component != "cross_attn":
+            return super().attention_inputs(trace, stream, layer, component)
+        memory = trace.cache["image_states"] if stream == "text" else trace.acts[("text", self.streams["text"].layers - 1)]["layer"]
+        return self.blocks[stream][layer].cross_inputs(trace.acts[(stream, layer)]["after_self"], memory)
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["text"].layers - 1

@@ -27,6 +27,7 @@ from PIL import Image
 
 from notice.errors import NoticeError
 from notice.models.base import ImageAttention, ModelAdapter, PatchBatch, Run, Trace, check_batch, grid_labels
+from notice.models.blocks.attention import AttentionInputs
 from notice.models.blocks.prenorm import Rope, causal_mask
 
 
@@ -318,6 +319,21 @@ class ImageTokenAdapter(ModelAdapter):
     def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict) -> torch.Tensor:
         """The projector's rows [N, P, D] from the vision stream's rows [N, Pv, Dv] after layer `layer`;
         cache: the receiving run's (rotary tables and masks of a tower that has them)."""
+
+    def vision_context(self, cache: dict, layer: int, count: int) -> tuple[Rope | None, torch.Tensor | None]:
+        """What a vision layer's attention reads besides its input, for one image's `count` positions:
+        rotary tables and which positions see which (None, None: plain full attention, as CLIP and SigLIP)."""
+        return None, None
+
+    def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
+        x = trace.acts[(stream, layer)]["x"]
+        if stream == "vision":
+            return self.blocks["vision"][layer].attention_inputs(x, *self.vision_context(trace.cache, layer, len(x)))
+        if stream != "lm":
+            return super().attention_inputs(trace, stream, layer, component)
+        count = trace.num_positions["lm"]
+        return self.blocks["lm"][layer].attention_inputs(x, self.rope(trace.cache, 0, count, layer),
+                                                         self.lm_mask(trace.cache, layer, 0, count))
 
     def full_patch_sites(self, modality: str) -> list[str]:
         last = self.streams["lm"].layers - 1

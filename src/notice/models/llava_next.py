@@ -98,6 +98,11 @@ class LlavaNextAdapter(LlavaAdapter):
         config = self.model.config
         return image_size_to_num_patches(list(geometry), config.image_grid_pinpoints, config.vision_config.image_size)
 
+    def vision_context(self, cache: dict, layer: int, count: int) -> tuple[None, torch.Tensor]:
+        """Each position sees its own tile's (the tower reads the tiles as a batch)."""
+        tile = torch.arange(count, device=self.device) // self.tile_positions
+        return None, tile[:, None] == tile[None, :]
+
     def vision_span(self, positions: int) -> int:
         return min(positions, self.tile_positions)
 
@@ -198,7 +203,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def embedding_sigma(self, stream: str, embeddings: torch.Tensor) -> float:
         if stream == "vision":  # every tile's patches, [CLS] excluded
-            return float(self.by_tile(embeddings)[:, self.first_patch:].float().std())
+            return float(self.by_tile(embeddings)[:, self.first_patch:].detach().float().std())
         return super().embedding_sigma(stream, embeddings)
 
     def resolve_noise(self, spec: dict[str, Any], prompt: str, run: Run, mask: np.ndarray | None = None) -> dict[str, Any]:

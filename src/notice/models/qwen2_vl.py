@@ -27,6 +27,7 @@ from PIL import Image
 from notice.errors import NoticeError
 from notice.models.base import Run, StreamFacts, StreamMap, Trace, mask_patch_positions, resolve_dtype
 from notice.models.blocks import EncoderBlock
+from notice.models.blocks.prenorm import Rope
 from notice.models.image_tokens import ImageTokenAdapter, Prompt
 from notice.models.llava import llama_block
 
@@ -313,9 +314,12 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         trace.cache["vision_masks"] = [segment_mask(kwargs["cu_seqlens"], count) for kwargs in seen]
         return trace
 
+    def vision_context(self, cache: dict, layer: int, count: int) -> tuple[Rope, torch.Tensor | None]:
+        return cache["vision_rope"], cache["vision_masks"][layer]
+
     def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict) -> torch.Tensor:
         for l in range(layer + 1, len(self.blocks["vision"])):
-            hidden = self.blocks["vision"][l].forward(hidden, cache["vision_rope"], cache["vision_masks"][l])
+            hidden = self.blocks["vision"][l].forward(hidden, *self.vision_context(cache, l, hidden.shape[1]))
         n, count, width = hidden.shape
         return self.tower.merger(hidden.reshape(n * count, width)).view(n, count // self.merge_size ** 2, -1)
 

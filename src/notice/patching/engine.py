@@ -214,15 +214,19 @@ def clean_run(adapter: ModelAdapter, pair: Pair) -> Run:
 def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[str], out, direction: str = "denoise", *,
                 max_memory: str | int = DEFAULT_MAX_MEMORY, batch_size: int | None = None, checks: bool = True,
                 progress: Callable[[int, bool], None] | None = None, model_name: str = "", dtype: str = "",
-                provenance: dict | None = None) -> dict:
-    """A resumable sweep: one result shard per pair under `out`; pairs with a shard are skipped.
+                provenance: dict | None = None, method: str = "exact", verify_top: int | None = None) -> dict:
+    """A resumable sweep: one result shard per pair under `out`; pairs with a shard are skipped. `method`
+    "atp" or "atp*" estimates the cells by attribution patching (patching/attribution.py), and
+    `verify_top` K patches each pair's K highest-ranked cells exactly besides.
 
     Returns {"pairs", "done", "skipped", "cells"}; `progress(n, skipped)` counts cells as they finish,
     and the cells of pairs finished by an earlier run (skipped=True). `provenance` (seed, pairs files)
     goes into run.json beside the settings."""
+    from notice.patching.attribution import check_method, pair_results
     from notice.store import ResultStore
 
     check_direction(direction)
+    check_method(method)
     ids = [p.id for p in pairs]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
@@ -231,7 +235,8 @@ def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[st
     model_name = model_name or adapter.name
     store = ResultStore(out, {"model": model_name, "sites": list(sites), "direction": direction,
                               "dtype": dtype or str(adapter.dtype).replace("torch.", ""),
-                              "answer_scoring": "first_token", **(provenance or {})})
+                              "answer_scoring": "first_token", "method": method, "verify_top": verify_top,
+                              **(provenance or {})})
     summary = {"pairs": len(pairs), "done": 0, "skipped": 0, "cells": sum(counts)}
     for pair, count in zip(pairs, counts):
         if store.done(pair.id):
@@ -239,9 +244,9 @@ def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[st
             if progress is not None:
                 progress(count, True)
             continue
-        frame = patch_pair(adapter, pair, sites, direction, max_memory=max_memory, batch_size=batch_size,
-                           checks=checks, progress=None if progress is None else _fresh(progress),
-                           model_name=model_name)
+        frame = pair_results(adapter, pair, sites, direction, method, verify_top, model_name,
+                             max_memory=max_memory, batch_size=batch_size, checks=checks,
+                             progress=None if progress is None else _fresh(progress))
         store.write(pair.id, frame)
         summary["done"] += 1
     return summary

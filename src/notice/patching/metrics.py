@@ -27,7 +27,7 @@ STATS = ("ld", "p_correct", "kl")  # what the device computes per cell, in this 
 COLUMNS = ["pair_id", "task", "corruption", "modality", "direction", "site", "stream", "layer", "component",
            "head", "position", "token", "corrupt_token", "ld", "normalized_effect", "p_correct", "delta_p", "kl",
            "ld_clean", "ld_corrupt", "p_clean", "p_corrupt", "flags", "answer_scoring", "correct", "incorrect",
-           "model"]
+           "model", "method", "score"]
 
 
 @dataclass(frozen=True)
@@ -110,5 +110,6 @@ def pair_table(pair, direction: str, sites: Sequence[Site], stats: np.ndarray, b
         "ld_clean": base.ld_clean, "ld_corrupt": base.ld_corrupt, "p_clean": base.p_clean,
         "p_corrupt": base.p_corrupt, "flags": ",".join(base.flags), "answer_scoring": ANSWER_SCORING,
         "correct": pair.correct, "incorrect": pair.incorrect, "model": model,
+        "method": "exact", "score": np.nan,  # attribution patching's rows say "atp"/"atp*" and rank by score
     }, columns=COLUMNS)
     return frame

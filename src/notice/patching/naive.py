@@ -34,8 +34,9 @@ def hooked(adapter: ModelAdapter, site: Site, edit, run: Run) -> Iterator[None]:
 
 
 @torch.no_grad()
-def record(adapter: ModelAdapter, run: Run, sites: Sequence[Site]) -> dict[str, torch.Tensor]:
-    """Every site's whole activation [P, W] in one plain forward of `run`, keyed by site.module."""
+def record(adapter: ModelAdapter, run: Run, sites: Sequence[Site], logits: list | None = None) -> dict[str, torch.Tensor]:
+    """Every site's whole activation [P, W] in one plain forward of `run`, keyed by site.module (and the
+    forward's logits [V] appended to `logits` when given)."""
     out: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         for name, site in {s.module: s for s in sites}.items():
@@ -43,7 +44,9 @@ def record(adapter: ModelAdapter, run: Run, sites: Sequence[Site]) -> dict[str, 
                 out[name] = t[0].clone()
                 return t
             stack.enter_context(hooked(adapter, site, keep, run))
-        adapter.run_logits(run)
+        answer = adapter.run_logits(run)[0]
+    if logits is not None:
+        logits.append(answer)
     return out
 
 

@@ -279,6 +279,8 @@ def report_from_folder(results: Path, out: Path, pairs_files: Sequence[Path] = (
             raise NoticeError(f"{head_functions} holds no head-function tables: write them with "
                               "`notice head-functions PAIRS --out FOLDER`")
     table = load_results(results)
+    if "method" in table and table["method"].nunique() > 1:  # estimates with some cells verified: one view
+        table = table[table["method"] != "exact"]
     if name is None and "model" in table and table["model"].nunique() == 1:
         name = str(table["model"].iloc[0])
     pairs = [p for f in pairs_files for p in read_pairs(f)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -55,3 +57,42 @@ def absorbed_attention(q: torch.Tensor, memory: torch.Tensor, key: torch.nn.Line
     mixed = torch.einsum("nhkm,nme->nhke", scores.softmax(dim=-1), memory)  # [N, H, K, E]
     out = torch.einsum("nhke,hde->nhkd", mixed, w_value)
     return out if value.bias is None else out + value.bias.view(1, h, 1, d)
+
+
+@dataclass
+class AttentionInputs:
+    """What one attention layer's query heads read: q [H, T, d], keys and values [H, S, d] (a grouped
+    key/value head repeated for each of its query heads), which keys each query sees (mask [T, S] bool,
+    None: all) and the score scale."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float
+
+    def log_pattern(self) -> torch.Tensor:
+        """log softmax of the scores [H, T, S], float64."""
+        scores = (self.q.double() @ self.k.double().transpose(1, 2)) * self.scale
+        if self.mask is not None:
+            scores = scores.masked_fill(~self.mask, float("-inf"))
+        return scores.log_softmax(dim=-1)
+
+
+def first_order_change(receiving: AttentionInputs, source: AttentionInputs) -> torch.Tensor:
+    """The change of every head's values z [H, T, d] when the head reads the source's queries, keys and values,
+    to first order in those changes (what a gradient times the input differences gives): the scores move by
+    Δq·kᵀ + q·Δkᵀ, the softmax is linearised, dA = A ⊙ (dS − Σ A dS), and Δz = dA·v + A·Δv. Under a saturated
+    softmax dA is near zero however large the change: AtP's false negatives. Float64."""
+    p = receiving.log_pattern().exp()  # [H, T, S]
+    q, k, v = (t.double() for t in (receiving.q, receiving.k, receiving.v))
+    d_scores = ((source.q.double() - q) @ k.transpose(1, 2) + q @ (source.k.double() - k).transpose(1, 2)) * receiving.scale
+    d_scores = d_scores.masked_fill(p == 0, 0.0)
+    d_pattern = p * (d_scores - (p * d_scores).sum(-1, keepdim=True))
+    return d_pattern @ v + p @ (source.v.double() - v)
+
+
+def exact_change(receiving: AttentionInputs, source: AttentionInputs) -> torch.Tensor:
+    """The change of every head's values z [H, T, d] with both attention patterns computed exactly (AtP*'s QK
+    fix: nothing is linearised before the head's values). Float64."""
+    return source.log_pattern().exp() @ source.v.double() - receiving.log_pattern().exp() @ receiving.v.double()

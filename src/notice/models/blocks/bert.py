@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from notice.models.blocks.attention import absorbed_attention, attend, attend_shared, merge_heads, split_heads
+from notice.models.blocks.attention import (AttentionInputs, absorbed_attention, attend, attend_shared, merge_heads,
+                                            split_heads)
 
 Memory = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
@@ -88,6 +89,19 @@ class BertBlock:
         """Keys and values [1, H, M, d] of one memory's states [M, E], for every cell to share."""
         cross = self._crossing()
         return split_heads(cross.key(states[None]), self.heads), split_heads(cross.value(states[None]), self.heads)
+
+    def self_inputs(self, x: torch.Tensor) -> AttentionInputs:
+        """What the self-attention heads read for a layer input x [P, D]."""
+        q, k, v = (split_heads(proj(x[None]), self.heads)[0] for proj in (self.query, self.key, self.value))
+        mask = torch.ones(len(x), len(x), dtype=torch.bool, device=x.device).tril() if self.causal else None
+        return AttentionInputs(q, k, v, mask, q.shape[-1] ** -0.5)
+
+    def cross_inputs(self, after_self: torch.Tensor, states: torch.Tensor) -> AttentionInputs:
+        """What the cross-attention heads read: queries of the rows [P, D], keys and values of memory [M, E]."""
+        cross = self._crossing()
+        q = split_heads(cross.query(after_self[None]), self.heads)[0]
+        k, v = (split_heads(proj(states[None]), self.heads)[0] for proj in (cross.key, cross.value))
+        return AttentionInputs(q, k, v, None, q.shape[-1] ** -0.5)
 
     def cross_weights(self, after_self: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Softmax cross-attention [N, H, P, M] of rows [N, P, D] over memory states [N, M, E] (float32)."""

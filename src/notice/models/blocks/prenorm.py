@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from notice.models.blocks.attention import attend, merge_heads, rotate, split_heads
+from notice.models.blocks.attention import AttentionInputs, attend, merge_heads, rotate, split_heads
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [1 or N, Q, d]
 
@@ -67,10 +67,21 @@ class EncoderBlock(PreNormBlock):
     def forward(self, x: torch.Tensor, rope: Rope | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The layer on rows [N, P, D]; rope: cos, sin [1, P, d] of the positions (applied in float32, as
         vision towers do); mask [P, P] bool (True = attend), e.g. attention windows."""
+        q, k, v = self.heads_read(x, rope)
+        return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, mask, scale=self.scale))))
+
+    def heads_read(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [N, H, P, d] of rows [N, P, D], queries and keys rotated by `rope`."""
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)))
         if rope is not None:
             q, k = (rotate(t.float(), rope).to(t.dtype) for t in (q, k))
-        return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, mask, scale=self.scale))))
+        return q, k, v
+
+    def attention_inputs(self, x: torch.Tensor, rope: Rope | None = None,
+                         mask: torch.Tensor | None = None) -> AttentionInputs:
+        """What the heads read for a layer input x [P, D] (rope and mask as in `forward`)."""
+        q, k, v = (t[0] for t in self.heads_read(x[None], rope))
+        return AttentionInputs(q, k, v, mask, self.scale or q.shape[-1] ** -0.5)
 
 
 @dataclass(kw_only=True)
@@ -113,6 +124,13 @@ class DecoderBlock(PreNormBlock):
             values = torch.cat([prefix[1].expand(n, -1, -1, -1), values], dim=2)
         z = attend(self.queries(normed, rope), keys, values, mask, self.scale)
         return self.after_attention(hidden, self.attn_write(merge_heads(z)))
+
+    def attention_inputs(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> AttentionInputs:
+        """What the query heads read for a layer input x [T, D] (keys and values repeated per query head)."""
+        normed = self.attn_norm(x[None])
+        keys, values = (t[0].repeat_interleave(self.heads // self.kv_heads, dim=0) for t in self.keys_values(normed, rope))
+        return AttentionInputs(self.queries(normed, rope)[0], keys, values, mask,
+                               self.head_dim ** -0.5 if self.scale is None else self.scale)
 
     def attention_weights(self, hidden: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
         """Softmax attention [N, H, T, T] of the layer over its whole input [N, T, D] (eager, float32)."""
