@@ -106,9 +106,10 @@ def _run(adapter, pairs: Sequence[Pair], side: str, batch_size: int, progress) -
     for start in range(0, len(noisy), batch_size * 8):
         chunk = noisy[start:start + batch_size * 8]
         images = _Images()
-        for index in adapter.batches_by_length([pairs[i].clean_prompt for i in chunk], batch_size):
+        pictures = [images(pairs[i], "clean_image") for i in chunk]
+        for index in adapter.batches_by_length([pairs[i].clean_prompt for i in chunk], batch_size, pictures):
             members = [chunk[j] for j in index]
-            run = noisy_run(adapter, [pairs[i] for i in members], [images(pairs[i], "clean_image") for i in members])
+            run = noisy_run(adapter, [pairs[i] for i in members], [pictures[j] for j in index])
             for i, row in zip(members, adapter.run_logits(run)):
                 out[i] = row
         if task is not None:

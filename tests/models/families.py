@@ -8,6 +8,7 @@ weights where text meets the image. Adding a family to FAMILIES runs the whole s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 import helpers
+import tiny_qwen
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,26 @@ def llava_eager_attention(adapter, inputs) -> torch.Tensor:
     return torch.stack(out.attentions, dim=1)[0][..., grid]
 
 
+# --------------------------------------------------------------------------- Gemma 3
+def save_gemma3(folder: Path) -> Path:
+    return helpers.save_gemma3(folder, helpers.TINY_GEMMA3)
+
+
+# ------------------------------------------------------------------- LLaVA-OneVision
+def save_llava_onevision(folder: Path) -> Path:
+    return helpers.save_llava_onevision(folder, helpers.TINY_ANYRES)
+
+
 FAMILIES = {
     "blip": Family("blip", helpers.TINY_BLIP["image_size"], save_blip, blip_native_logits, blip_eager_attention),
     "llava": Family("llava", helpers.TINY_LLAVA["image_size"], save_llava, llava_native_logits, llava_eager_attention),
+    # Qwen2-VL's own forward and attention read the same prepared inputs as LLaVA's
+    **{name: Family(name, 64, functools.partial(tiny_qwen.save_qwen, family=name), llava_native_logits,
+                    llava_eager_attention) for name in ("qwen2_vl", "qwen2_5_vl")},
+    # the same references: transformers' forward and eager attention, token_type_ids from the processor
+    "gemma3": Family("gemma3", helpers.TINY_GEMMA3["image_size"], save_gemma3, llava_native_logits,
+                     llava_eager_attention),
+    # pairs of 32x32 images: the base tile and 2x2 tiles, the largest expansion (see TINY_ANYRES)
+    "llava_onevision": Family("llava_onevision", 32, save_llava_onevision, llava_native_logits,
+                              llava_eager_attention),
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -175,10 +175,11 @@ class ModelAdapter(ABC):
 
     Public members (everything outside models/ uses only these): `family`, `name`, `model`,
     `tokenizer`, `streams`, `cross_layer_streams`, `device`, `dtype`, `from_pretrained`,
-    `answer_token_ids`, `token_length`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
-    `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
-    `patched_logits`, `hook_point`, `site_columns`, `full_patch_sites`, `cell_bytes`,
-    `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
+    `answer_token_ids`, `token_length`, `tokenize`, `image_key`, `batches_by_length`, `answer_logits`,
+    `score_answers`, `generate`, `runs_for`, `run_logits`, `num_positions`, `position_labels`,
+    `resolve_noise`, `trace`, `patched_logits`, `hook_point`, `stream_rows`, `site_columns`,
+    `full_patch_sites`, `cell_bytes`, `parameter_bytes`, `image_attention`, `max_prompt_tokens`,
+    `describe`, `first_patch`.
     A family implements the abstract members and sets `streams`, `stream_maps` and `blocks`.
     """
 
@@ -186,6 +187,7 @@ class ModelAdapter(ABC):
     cross_layer_streams: ClassVar[frozenset[str]] = frozenset()  # streams whose patched_logits mixes layers
     answer_batch_size: ClassVar[int] = 64
     trace_outputs: ClassVar[dict[str, str]] = {}  # cache name → module whose output (row 0) a trace keeps
+    first_patch: ClassVar[int] = 1  # vision positions before the first grid patch (a [CLS] token); 0 without one
 
     streams: dict[str, StreamFacts]
     stream_maps: dict[str, StreamMap]
@@ -276,16 +278,25 @@ class ModelAdapter(ABC):
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
         """Free-form greedy answers, as transformers' `generate` gives them."""
 
-    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+    def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (as pairs store STR and text-noise sites) in the
-        model's input; the same for a model whose input is the question itself."""
+        model's input (`run`'s, where the image's size moves them); the same for a model whose input is
+        the question itself."""
         return list(positions)
 
-    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
-        """Index batches whose prompts share a token length: no padding ever enters a forward."""
-        groups: dict[int, list[int]] = {}
+    def image_key(self, image: Image.Image) -> Hashable:
+        """What of an image decides how many positions it takes (None: every image takes the same;
+        Qwen2-VL: its patch grid; LLaVA-NeXT: its size, which decides its tiles)."""
+        return None
+
+    def batches_by_length(self, questions: Sequence[str], batch_size: int,
+                          images: Sequence[Image.Image] | None = None) -> list[list[int]]:
+        """Index batches whose prompts share a token length (and, with `images`, whose images take the
+        same positions: one `image_key`): no padding ever enters a forward."""
+        groups: dict[tuple[int, str], list[int]] = {}
         for i, question in enumerate(questions):
-            groups.setdefault(self.token_length(question), []).append(i)
+            key = None if images is None else self.image_key(images[i])
+            groups.setdefault((self.token_length(question), repr(key)), []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
@@ -301,12 +312,12 @@ class ModelAdapter(ABC):
         states = None
         if unique is not None:  # encode each image once
             states = {}
-            for start in range(0, len(unique), size):
-                chunk = unique[start:start + size]
-                pixels = self.prepare([images[i] for i in chunk], ["?"] * len(chunk)).pixel_values
-                for i, row in zip(chunk, self.encode_image(self.embed_image(pixels))):
+            for rows in self.batches_by_length(["?"] * len(unique), size, [images[i] for i in unique]):
+                chunk = [unique[r] for r in rows]
+                prepared = self.prepare([images[i] for i in chunk], ["?"] * len(chunk))
+                for i, row in zip(chunk, self.encode_images(prepared, self.embed_images(prepared))):
                     states[i] = row
-        for index in self.batches_by_length(questions, size):
+        for index in self.batches_by_length(questions, size, [images[i] for i in image_index]):
             inputs = self.prepare([images[image_index[i]] for i in index], [questions[i] for i in index])
             if states is None:
                 logits = self.run_logits(Run(inputs))
@@ -329,7 +340,7 @@ class ModelAdapter(ABC):
             raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
         candidate_ids = [self.answer_token_ids(c) for c in candidates]
         scores = torch.empty(len(questions), len(candidates))
-        for index in self.batches_by_length(questions, self.answer_batch_size):
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
             context = self.answer_context(self.prepare([images[i] for i in index], [questions[i] for i in index]))
             for c, ids in enumerate(candidate_ids):
                 use = ids[:1] if scoring == "first_token" else ids
@@ -353,6 +364,15 @@ class ModelAdapter(ABC):
     @abstractmethod
     def encode_image(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Image embeddings → what the text side reads of the image."""
+
+    def embed_images(self, inputs) -> torch.Tensor:
+        """`embed_image` of prepared inputs' pixels, [B, I, Dv]. A family whose tower reads more of the
+        inputs than the embeddings (each image's patch grid) overrides this and `encode_images`."""
+        return self.embed_image(inputs.pixel_values)
+
+    def encode_images(self, inputs, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """`encode_image` of prepared inputs' image embeddings (noise may be on them)."""
+        return self.encode_image(image_embeddings)
 
     @abstractmethod
     def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
@@ -379,7 +399,7 @@ class ModelAdapter(ABC):
         """The scale of Gaussian-noise corruption: std of the token-embedding matrix (text, as in
         ROME's causal tracing) or of the given image's patch embeddings (vision, [CLS] excluded)."""
         if stream == "vision":
-            return float(embeddings[:, 1:].detach().float().std())
+            return float(embeddings[:, self.first_patch:].detach().float().std())
         return float(self.word_embeddings.weight.detach().float().std())
 
     # -------------------------------------------------------------------- runs
@@ -398,7 +418,7 @@ class ModelAdapter(ABC):
         """The plain forward of a run through the model's own modules: [B, V] float32 (differentiable with
         `grad`, for attribution patching)."""
         with torch.set_grad_enabled(grad):
-            image, tokens = self.embed_image(run.inputs.pixel_values), self.embed_tokens(run.inputs.input_ids)
+            image, tokens = self.embed_images(run.inputs), self.embed_tokens(run.inputs.input_ids)
             if run.noise is not None:
                 image, tokens = image.clone(), tokens.clone()
                 for row, spec in enumerate(run.noise):
@@ -406,7 +426,7 @@ class ModelAdapter(ABC):
                         target = image if spec["stream"] == "vision" else tokens
                         target[row:row + 1] = add_noise(target[row:row + 1], spec,
                                                         self.embedding_sigma(spec["stream"], target[row:row + 1]))
-            return self.logits_from_states(run.inputs, self.encode_image(image), tokens).float()
+            return self.logits_from_states(run.inputs, self.encode_images(run.inputs, image), tokens).float()
 
     @abstractmethod
     def num_positions(self, run: Run) -> dict[str, int]:
@@ -425,14 +445,14 @@ class ModelAdapter(ABC):
         if spec["stream"] == "text":
             if positions == "all":
                 positions = range(len(self.tokenizer(prompt)["input_ids"]))
-            return dict(spec, positions=self.prompt_positions(prompt, list(positions)))
+            return dict(spec, positions=self.prompt_positions(prompt, list(positions), run))
         rows, cols, _ = self.patch_grid
         if positions == "all":
-            positions = list(range(1, rows * cols + 1))
+            positions = list(range(self.first_patch, self.first_patch + rows * cols))
         elif positions == "object":
             if mask is None:
                 raise NoticeError("image noise on the 'object' needs the pair's clean_mask")
-            positions = mask_patch_positions(mask, (rows, cols))
+            positions = mask_patch_positions(mask, (rows, cols), self.first_patch)
         return dict(spec, positions=list(positions))
 
     @property
@@ -463,6 +483,12 @@ class ModelAdapter(ABC):
         d = self.streams[site.stream].head_dim
         return slice(site.head * d, (site.head + 1) * d)
 
+    def stream_rows(self, stream: str, run: Run) -> int:
+        """How many rows of the model's batch one input of `run` fills in a stream's layers: 1, or an
+        image's tiles where a tower reads them as a batch (LLaVA-NeXT). The stream's positions then run
+        over those rows' positions in order, and hooks and traces see them as one row."""
+        return 1
+
     def traced_streams(self, streams: set[str]) -> set[str]:
         """The streams a trace must record for patches in `streams` (a family adds what its caches need)."""
         return set(streams)
@@ -477,17 +503,17 @@ class ModelAdapter(ABC):
         kept: dict[str, torch.Tensor] = {}
         handles = [keep_output(self.model.get_submodule(path), kept, name) for name, path in self.trace_outputs.items()]
         for stream in (s for s in self.streams if s in streams):
-            where = self.stream_maps[stream]
+            where, rows = self.stream_maps[stream], self.stream_rows(stream, run)
             for l in range(self.streams[stream].layers):
                 store = acts.setdefault((stream, l), {})
                 layer = self.layer_module(stream, l)
                 if not where.single:
-                    handles.append(keep_input(layer, store, "x"))
-                handles.append(keep_output(layer, store, "layer"))
+                    handles.append(keep_input(layer, store, "x", rows))
+                handles.append(keep_output(layer, store, "layer", rows))
                 for component, path in where.writes.items():
-                    handles.append(keep_output(layer.get_submodule(path), store, component))
+                    handles.append(keep_output(layer.get_submodule(path), store, component, rows))
                 for component, path in where.heads.items():
-                    handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z"))
+                    handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z", rows))
         try:
             logits = self.run_logits(run)[0]
         finally:
@@ -590,34 +616,54 @@ def mask_patch_positions(mask: np.ndarray, grid: tuple[int, int], first_patch: i
     return [first_patch + int(i) for i in np.flatnonzero(touched.reshape(-1))]
 
 
-def keep_output(module: torch.nn.Module, store: dict, name: str):
-    """Keep a module's output (the first element of a tuple) of row 0 under `name`. Prepended, so it
-    runs before a model's own output-recording hooks (transformers 5 reads tower states through them)."""
+def first_input(activation: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """The first input's positions [P, W] of an activation as the model runs it: row 0 of [B, P, W];
+    the first `rows` rows of [B * rows, P', W] in order (a tower reading an image's tiles as rows, see
+    `stream_rows`); all of a packed [P, W] (Qwen2-VL's tower runs one image without a batch dimension)."""
+    if activation.dim() == 2:
+        return activation
+    return activation[:rows].reshape(-1, activation.shape[-1])
+
+
+def keep_output(module: torch.nn.Module, store: dict, name: str, rows: int = 1):
+    """Keep a module's output (the first element of a tuple) of the first input under `name` (see
+    `first_input`). Prepended, so it runs before a model's own output-recording hooks (transformers 5
+    reads tower states through them)."""
     def hook(_module, _args, output):
-        store[name] = (output[0] if isinstance(output, tuple) else output)[0].detach()
+        store[name] = first_input(output[0] if isinstance(output, tuple) else output, rows).detach()
     return module.register_forward_hook(hook, prepend=True)
 
 
-def keep_input(module: torch.nn.Module, store: dict, name: str):
-    """Keep a module's first input (positional or `hidden_states=`) of row 0 under `name`."""
+def keep_input(module: torch.nn.Module, store: dict, name: str, rows: int = 1):
+    """Keep a module's first input (positional or `hidden_states=`) of the first input under `name`."""
     def hook(_module, args, kwargs):
-        store[name] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+        store[name] = first_input(args[0] if args else kwargs["hidden_states"], rows).detach()
     return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
 
 
-def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor]):
-    """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward."""
+def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor], rows: int = 1):
+    """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward;
+    a module that reads each input as `rows` rows [B * rows, P', W] is edited as [B, rows * P', W], a
+    packed [P, W] as a batch of one (see `first_input`)."""
+    def folded(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 2:
+            return edit(tensor[None])[0]
+        if rows == 1:
+            return edit(tensor)
+        inputs, positions, width = tensor.shape[0] // rows, tensor.shape[1], tensor.shape[2]
+        return edit(tensor.reshape(inputs, rows * positions, width)).reshape(inputs * rows, positions, width)
+
     if kind == "input":
         def before(_module, args, kwargs):
             if args:
-                return (edit(args[0]),) + tuple(args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=edit(kwargs["hidden_states"]))
+                return (folded(args[0]),) + tuple(args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=folded(kwargs["hidden_states"]))
         return module.register_forward_pre_hook(before, with_kwargs=True, prepend=True)
 
     def after(_module, _args, output):
         if isinstance(output, tuple):
-            return (edit(output[0]),) + tuple(output[1:])
-        return edit(output)
+            return (folded(output[0]),) + tuple(output[1:])
+        return folded(output)
     return module.register_forward_hook(after, prepend=True)
 
 

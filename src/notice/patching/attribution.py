@@ -116,7 +116,7 @@ def _gradients(adapter: ModelAdapter, receiving: Run, cells: dict[str, Site], co
             def anchor(t: torch.Tensor, name: str = name) -> torch.Tensor:
                 kept[name] = t = t + torch.zeros((), dtype=t.dtype, device=t.device, requires_grad=True)
                 return t
-            stack.callback(edit_activation(module, kind, anchor).remove)
+            stack.callback(edit_activation(module, kind, anchor, adapter.stream_rows(cells[name].stream, receiving)).remove)
         for stream, layer in (d for d in drops if d is not None):
             for path in adapter.stream_maps[stream].writes.values():
                 module = adapter.layer_module(stream, layer).get_submodule(path)
