@@ -131,7 +131,7 @@ def research_way(adapter: BlipAdapter, pair: Pair, cells, device: str) -> None:
             t[2, rows, columns] = t[0, rows, columns]
             return t
 
-        with hooked(adapter, site, copy_clean_into_patched):
+        with hooked(adapter, site, copy_clean_into_patched, Run(inputs)):
             logits = adapter.run_logits(Run(inputs))
         logits[2].max().item()  # the research code reads each cell's result on the host
     sync(device)

@@ -84,13 +84,33 @@ def main() -> None:
     adapter = load_model(args.model)
     if args.geometry == "llava-1.5":
         adapter = with_llava_15_geometry(adapter)
+    report = {"model": args.model, "geometry": args.geometry, "threads": args.threads,
+              **measure(adapter, color_pair(), args.repeats, args.research_cells)}
+    big = llava_7b_flops(text_tokens=report["tokens"] - report["image_tokens"])
+    ratio = big["research_cell"] / big["engine_cell_answer_head"]
+    report["llava-1.5-7b projection"] = {
+        **big, "flops_ratio": ratio,
+        "reference_hours_per_head_index_a100": 6.0,
+        "projected_minutes_per_head_index_same_throughput": 6.0 * 60 / ratio}
+    print(json.dumps(report, indent=2))
+
+
+def color_pair(size: int | None = None) -> tuple:
+    """Two easy-VQA test images of one shape in different colours (resized to `size` px), one question."""
+    from notice.io import load_image
+
     labels = easy_vqa.image_labels("test")
     first = labels[sorted(labels)[0]]
     other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
-    from notice.io import load_image
+    pictures = tuple(load_image(l.path) for l in (first, other))
+    if size is not None:
+        pictures = tuple(p.resize((size, size)) for p in pictures)
+    return pictures, "what color is the shape?"
 
-    question = "what color is the shape?"
-    pictures = (load_image(first.path), load_image(other.path))
+
+def measure(adapter, pair: tuple, repeats: int, research_cells: int) -> dict:
+    """Both ways on one pair: the answer-token head sweep and an image-token sweep, time and FLOPs per cell."""
+    pictures, question = pair
     clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
     ids = clean.inputs.input_ids[0]
     answer, image = adapter.answer_position(ids), adapter.image_positions(ids).tolist()
@@ -106,15 +126,14 @@ def main() -> None:
     receiving, source = adapter.trace(corrupt), adapter.trace(clean)
     trace_seconds = time.perf_counter() - started
     full_flops = flops(lambda: forward_with_hook(adapter, corrupt))
-    report = {"model": args.model, "geometry": args.geometry, "tokens": int(ids.shape[0]), "image_tokens": len(image),
-              "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
-              "full_forward_flops": full_flops, "sweeps": {}}
+    report: dict = {"tokens": int(ids.shape[0]), "image_tokens": len(image),
+                    "trace_seconds_per_pair": round(trace_seconds, 4), "full_forward_flops": full_flops, "sweeps": {}}
     for name, sites in sweeps.items():
-        measured = engine_cells(adapter, receiving, source, sites, args.repeats)
+        measured = engine_cells(adapter, receiving, source, sites, repeats)  # the engine's own grouping
         fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
 
-        step = max(1, len(sites) // args.research_cells)
-        chosen = list(range(0, len(sites), step))[:args.research_cells]
+        step = max(1, len(sites) // research_cells)
+        chosen = list(range(0, len(sites), step))[:research_cells]
         research_times, processor_times, errors = [], [], []
         for i in chosen:
             t = time.perf_counter()
@@ -138,14 +157,7 @@ def main() -> None:
             "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
             "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
             "max_abs_patch_effect": float((fast - receiving.logits).abs().max())}
-
-    big = llava_7b_flops(text_tokens=int(ids.shape[0]) - len(image))
-    ratio = big["research_cell"] / big["engine_cell_answer_head"]
-    report["llava-1.5-7b projection"] = {
-        **big, "flops_ratio": ratio,
-        "reference_hours_per_head_index_a100": 6.0,
-        "projected_minutes_per_head_index_same_throughput": 6.0 * 60 / ratio}
-    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def forward_with_hook(adapter, run, site: Site | None = None, edit=None) -> torc
             handle = module.register_forward_hook(lambda m, args, out: edit(out))
     try:
         with torch.no_grad():
-            return adapter.model(**run.inputs).logits[:, -1]
+            return adapter.model(**run.inputs).logits[:, -1]  # every input the processor made (masks, image sizes)
     finally:
         if handle is not None:
             handle.remove()

@@ -431,3 +431,199 @@ def paper_str_pairs(task: str, data: Path, out: Path, tokenizer, seed: int = 0) 
     for pair in pairs:
         assert_both_options_swapped(pair, tokenizer)
     return pairs
+
+
+def yes_no_answers_about_colour(adapter, images: int = 40) -> tuple[float, float]:
+    """An embedded model's accuracy on yes/no questions about the first `images` easy-VQA test images,
+    (naming the shown colour, naming another one), each asked asserting and negated."""
+    from notice.io import load_image
+    from notice.tasks import easy_vqa
+
+    colors = easy_vqa.image_colors("test")
+    chosen = sorted(colors)[:images]
+    pictures, prompts, answers, shown = [], [], [], []
+    for image_id in chosen:
+        other = easy_vqa.COLORS[(easy_vqa.COLORS.index(colors[image_id]) + 3) % len(easy_vqa.COLORS)]
+        for color in (colors[image_id], other):
+            for form, negated in (("is there a {} shape?", False), ("is there not a {} shape?", True)):
+                pictures.append(load_image(easy_vqa.image_paths("test")[image_id]))
+                prompts.append(form.format(color))
+                answers.append("yes" if (color == colors[image_id]) != negated else "no")
+                shown.append(color == colors[image_id])
+    logits = adapter.answer_logits(pictures, prompts)
+    ids = {a: adapter.answer_token_ids(a)[0] for a in ("yes", "no")}
+    right = [int(row.argmax()) == ids[a] for row, a in zip(logits, answers)]
+    return (float(np.mean([r for r, s in zip(right, shown) if s])),
+            float(np.mean([r for r, s in zip(right, shown) if not s])))
+
+
+def card_accuracies(folder: Path) -> dict[str, float]:
+    """An embedded model's accuracy per question kind as its card.json states it; every kind is there."""
+    import json
+
+    accuracy = json.loads((Path(folder) / "card.json").read_text())["test"]["accuracy"]
+    assert {"yes/no", "yes/no shown color, asserting", "yes/no shown color, negated", "color", "shape",
+            "choice"} <= set(accuracy), accuracy
+    return accuracy
+
+
+# --------------------------------------------------------------------- Gemma 3
+# google/gemma-3-4b-it's prompt format (its chat template, simplified to user and model turns of text and images)
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+# Gemma-3-4B's shape, shrunk: 2 SigLIP layers; 4 LM layers alternating sliding (window 16) and global, so that
+# the window cuts through the 25-token prompt (the answer's window holds the last image tokens but not the
+# first); 2x2 image tokens pooled from 4x4 patches
+TINY_GEMMA3 = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, vision_heads=4, vision_mlp=64,
+                   image_tokens=4, text_hidden=48, text_layers=4, text_heads=4, text_kv_heads=2, head_dim=16,
+                   text_mlp=96, sliding_window=16, sliding_pattern=2)
+
+
+def gemma3_tokenizer(sentences=LLAVA_SENTENCES, vocab_size: int = 200):
+    """A small Gemma-style BPE tokenizer: <bos> prepended, newlines their own tokens, the image markers special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+               "<end_of_image>", "<image_soft_token>"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                     pre_tokenizers.Metaspace(prepend_scheme="never")])
+    backend.decoder = decoders.Metaspace(prepend_scheme="never")
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ?:.,'\n")
+    backend.train_from_iterator(list(sentences) + ["user model", "is the shape red? is the shape blue?"],
+                                trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                    initial_alphabet=alphabet))
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={
+                                       "image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                       "eoi_token": "<end_of_image>"})
+
+
+def gemma3_processor(arch: dict):
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    image_processor = Gemma3ImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]})
+    return Gemma3Processor(image_processor=image_processor, tokenizer=gemma3_tokenizer(),
+                           chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=arch["image_tokens"])
+
+
+def gemma3_model(arch: dict, tokenizer, seed: int = 0):
+    """A random-init Gemma 3: SigLIP tower, pooling projector, Gemma 3 LM with sliding and global layers.
+    The projector's matrix starts at zero and would hide the image: it is drawn like the other matrices."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(model_type="siglip_vision_model", image_size=arch["image_size"], patch_size=arch["patch_size"],
+                  hidden_size=arch["vision_hidden"], num_hidden_layers=arch["vision_layers"],
+                  num_attention_heads=arch["vision_heads"], intermediate_size=arch["vision_mlp"])
+    text = dict(model_type="gemma3_text", vocab_size=len(tokenizer), hidden_size=arch["text_hidden"],
+                intermediate_size=arch["text_mlp"], num_hidden_layers=arch["text_layers"],
+                num_attention_heads=arch["text_heads"], num_key_value_heads=arch["text_kv_heads"],
+                head_dim=arch["head_dim"], query_pre_attn_scalar=arch["head_dim"],
+                sliding_window=arch["sliding_window"], sliding_window_pattern=arch["sliding_pattern"],
+                max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=arch["image_tokens"],
+                          boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+                          image_token_index=tokenizer.image_token_id)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+        projector = model.model.multi_modal_projector.mm_input_projection_weight
+        projector.normal_(0, projector.shape[0] ** -0.5)
+    return model
+
+
+def save_gemma3(folder: Path, arch: dict, seed: int = 0) -> Path:
+    """A random-init Gemma 3 checkpoint with its processor and chat template, written by save_pretrained."""
+    processor = gemma3_processor(arch)
+    gemma3_model(arch, processor.tokenizer, seed).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------ LLaVA-NeXT, LLaVA-OneVision
+# anyres, shrunk: 16 px tiles of 2x2 patches; a 64x64 image fills the 32x32 pinpoint (a base tile + 2x2 tiles):
+# 4 base tokens + a 4x4 canvas + 4 newlines = 24 image tokens, the most any image gets here
+TINY_ANYRES = dict(image_size=16, patch_size=8, pinpoints=[[16, 16], [32, 32]], vision_hidden=32, vision_layers=3,
+                   vision_heads=4, vision_mlp=64, text_hidden=48, text_layers=3, text_heads=6, text_kv_heads=2,
+                   text_mlp=96, aspect_ratio="anyres_max_4")
+
+
+def anyres_configs(arch: dict, tower: str, vocab_size: int, pad_token_id: int) -> tuple[dict, dict]:
+    vision = dict(model_type=tower, image_size=arch["image_size"], patch_size=arch["patch_size"],
+                  hidden_size=arch["vision_hidden"], num_hidden_layers=arch["vision_layers"],
+                  num_attention_heads=arch["vision_heads"], intermediate_size=arch["vision_mlp"])
+    text = dict(vocab_size=vocab_size, hidden_size=arch["text_hidden"], num_hidden_layers=arch["text_layers"],
+                num_attention_heads=arch["text_heads"], num_key_value_heads=arch["text_kv_heads"],
+                intermediate_size=arch["text_mlp"], max_position_embeddings=arch.get("max_positions", 512),
+                pad_token_id=pad_token_id,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return vision, text
+
+
+def scaled_up(model):
+    """Random init leaves small norms: scale the matrices up so that the image matters to the answer."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+    return model.eval()
+
+
+def save_llava_onevision(folder: Path, arch: dict = TINY_ANYRES, seed: int = 0) -> Path:
+    """A random-init LLaVA-OneVision (SigLIP tiles, Qwen2 LM) saved as on the hub: the processor's parts and
+    its processor_config.json (its video processor, which needs torchvision, is left out)."""
+    import json
+
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil)
+
+    tokenizer = llava_tokenizer()
+    vision, text = anyres_configs(arch, "siglip_vision_model", len(tokenizer), tokenizer.pad_token_id)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=dict(text, model_type="qwen2"),
+                                  image_token_id=tokenizer.image_token_id, image_grid_pinpoints=arch["pinpoints"],
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio=arch["aspect_ratio"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    scaled_up(LlavaOnevisionForConditionalGeneration(config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    LlavaOnevisionImageProcessorPil(size={"height": arch["image_size"], "width": arch["image_size"]},
+                                    image_grid_pinpoints=arch["pinpoints"]).save_pretrained(folder)
+    grid = arch["image_size"] // arch["patch_size"]
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": grid * grid,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": arch["aspect_ratio"]}))
+    (folder / "chat_template.jinja").write_text(LLAVA_CHAT_TEMPLATE)
+    return folder
+
+
+def save_llava_next(folder: Path, arch: dict = TINY_ANYRES, seed: int = 0) -> Path:
+    """A random-init LLaVA-NeXT (CLIP tiles, [CLS] dropped; Llama LM) with its processor, by save_pretrained."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor)
+
+    tokenizer = llava_tokenizer()
+    vision, text = anyres_configs(arch, "clip_vision_model", len(tokenizer), tokenizer.pad_token_id)
+    config = LlavaNextConfig(vision_config=dict(vision, projection_dim=arch["vision_hidden"]),
+                             text_config=dict(text, model_type="llama"), image_token_id=tokenizer.image_token_id,
+                             image_grid_pinpoints=arch["pinpoints"], vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    scaled_up(LlavaNextForConditionalGeneration(config)).save_pretrained(folder)
+    size = arch["image_size"]
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                                 image_grid_pinpoints=arch["pinpoints"])
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=arch["patch_size"],
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                       chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(folder)
+    return folder

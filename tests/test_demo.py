@@ -69,6 +69,12 @@ def test_report_verb_rebuilds_the_report_from_a_run_folder(run_folder, tmp_path)
     result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "again")])
     assert result.exit_code == 0, result.output
     assert "What the heads do" in (tmp_path / "again" / "index.html").read_text()
+    # every condition the run asked for, with the selection's counts read from beside its pairs files
+    conditions = pd.read_csv(tmp_path / "again" / "tables" / "conditions.csv", keep_default_na=False)
+    assert set(conditions["condition"]) == {"easyvqa-color/image/smp", "easyvqa-color/text/str_both",
+                                            "easyvqa-shape/image/smp"}
+    assert (conditions["input"] > 0).all() and (conditions["selected"] >= conditions["analysed"]).all()
+    assert all(reason.split(" kept")[0].split(" of ")[-1].isdigit() for reason in conditions["reason"] if reason)
 
 
 def test_report_verb_lists_heads_by_the_paper_rule_with_scored_and_unscored_counts(run_folder, tmp_path):
@@ -93,3 +99,24 @@ def test_report_rule_needs_the_pairs_and_a_known_name(run_folder, tmp_path):
     wrong = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "b"), "--rule", "paper"])
     assert wrong.exit_code == 2 and "unknown head-selection rule(s) paper" in wrong.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family", ["blip", "llava"])
+def test_demo_selects_48_pairs_for_every_condition_of_each_family(tmp_path, family):
+    """Colour and shape, each corrupted in the image (SMP) and in the text (yes/no STR), and a
+    Gaussian-noise baseline: every condition keeps at least 48 pairs on the embedded model."""
+    import json
+
+    from notice.models import load_model
+    from notice.pipeline import demo_configs, select_steps
+    from notice.select import selection_report_path
+
+    config = next(c for c in demo_configs(tmp_path) if c.model == f"easyvqa-{family}")
+    kept = {}
+    for path in select_steps(config, load_model(config.model)):
+        for corruption, counts in json.loads(selection_report_path(path).read_text())["by_corruption"].items():
+            kept[(path.stem, corruption)] = counts["kept"]
+    assert set(kept) == {("easyvqa-color", "image_smp"), ("easyvqa-color", "text_str_yesno"),
+                         ("easyvqa-shape", "image_smp"), ("easyvqa-shape", "text_str_yesno"),
+                         ("easyvqa-shape", "image_noise")}
+    assert min(kept.values()) >= 48, kept

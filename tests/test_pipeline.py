@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from notice.errors import NoticeError
-from notice.pipeline import DEFAULT_SITES, load_config
+from notice.pipeline import DEFAULT_SITES, demo_configs, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,9 @@ def test_shipped_configs_load(tmp_path):
     assert Path(mit.tasks[0].data) == tmp_path / "data" / "mit-states"
     assert mit.out == tmp_path / "runs" / "blip-vqa-base-mit-states"  # out is read from the config's folder too
     demo = load_config(ROOT / "configs" / "easyvqa-demo.yaml", out=tmp_path)
-    assert demo.out == tmp_path and demo.sites == DEFAULT_SITES and demo.max_per_cell == 1
+    assert demo.out == tmp_path and demo.sites == DEFAULT_SITES
+    blip_demo = next(c for c in demo_configs(tmp_path) if c.model == demo.model)
+    assert demo.tasks == blip_demo.tasks and demo.max_per_cell == blip_demo.max_per_cell  # the config is the demo
 
 
 @pytest.mark.parametrize("text, message", [

@@ -121,6 +121,17 @@ def test_balance_equalises_categories_and_answer_order_without_replacement(image
                                       ("blue", False): 1, ("green", True): 1})
 
 
+def test_balance_equalises_yes_and_no_answers_of_yes_no_pairs(images):
+    def yes_no(pid, negated):
+        return Pair(id=pid, task="toy", corruption="text_str_yesno", clean_image=images["red"],
+                    corrupt_image=images["red"], clean_prompt="is there a red shape?",
+                    corrupt_prompt="is there a blue shape?", correct="no" if negated else "yes",
+                    incorrect="yes" if negated else "no", metadata={"category": "red", "negated": negated})
+
+    kept = balance_pairs([yes_no(f"a{i}", False) for i in range(5)] + [yes_no(f"n{i}", True) for i in range(2)], seed=0)
+    assert Counter(p.correct for p in kept) == Counter({"yes": 2, "no": 2})
+
+
 def test_selection_and_its_drop_counts_are_written_together(images, tmp_path):
     pairs = [_pair(images, "a", "red", "blue", "red", "blue", first=True),
              _pair(images, "b", "blue", "red", "blue", "red", first=False),

@@ -39,14 +39,20 @@ def evaluate(adapter: ModelAdapter, split: str = "test", seed: int = 0, limit_im
         for i, token in zip(members, logits.argmax(dim=1).tolist()):
             predicted[i] = token
     answer_id = {a: adapter.answer_token_ids(a)[0] for a in {q.answer for q in questions}}
+    shown = easy_vqa.image_colors(split)
     totals: dict[str, list[int]] = {}
     for q, token in zip(questions, predicted):
         hit = int(token == answer_id[q.answer])
-        for key in ("all", q.kind) if q.kind == "choice" else ("all", "overall", q.kind):
+        keys = ["all", q.kind] if q.kind == "choice" else ["all", "overall", q.kind]
+        form = easy_vqa.shown_color_form(q, shown[q.image_id])
+        if form is not None:  # the yes/no questions decided by comparing the named and the shown colour
+            keys.append(f"yes/no shown color, {form}")
+        for key in keys:
             totals.setdefault(key, [0, 0])
             totals[key][0] += hit
             totals[key][1] += 1
-    order = ["overall", "yes/no", "color", "shape", "choice", "all"]
+    order = ["overall", "yes/no", "yes/no shown color, asserting", "yes/no shown color, negated", "color", "shape",
+             "choice", "all"]
     return {"split": split, "questions": len(questions), "images": len(image_ids), "seed": seed,
             "accuracy": {k: round(totals[k][0] / totals[k][1], 4) for k in order if k in totals},
             "counts": {k: totals[k][1] for k in order if k in totals}}

@@ -18,12 +18,18 @@ from notice.errors import NoticeError
 from notice.io import atomic_path
 
 # text_str swaps the right option for a contrast word; text_str_both swaps both options (the
-# NOTICE paper's form). They are separate corruptions so that no count or ranking pools them.
-CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise", "text_str_both")
+# NOTICE paper's form); text_str_yesno swaps the colour or shape a yes/no question names ("is a red
+# shape present?" about the clean image). They are separate corruptions so that no count or ranking pools them.
+CORRUPTIONS = ("image_smp", "text_str", "image_noise", "text_noise", "text_str_both", "text_str_yesno")
 DEFAULT_CORRUPTIONS = CORRUPTIONS[:4]  # what `notice pairs` makes unless asked
 STR_FORMS = {"one": "text_str", "both": "text_str_both"}
 # metadata entries that are file paths (object masks): stored relative like the images
 PATH_METADATA = ("clean_mask", "corrupt_mask")
+
+
+def modality_of(corruption: str) -> str:
+    """The modality a corruption changes: image_* corrupt the image, the rest the text."""
+    return "image" if corruption.startswith("image") else "text"
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Pair:
 
     @property
     def modality(self) -> str:
-        return "image" if self.corruption.startswith("image") else "text"
+        return modality_of(self.corruption)
 
     def __post_init__(self) -> None:
         if self.corruption not in CORRUPTIONS:

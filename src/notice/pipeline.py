@@ -29,6 +29,7 @@ class TaskSpec:
     split: str | None = None
     corruptions: tuple[str, ...] = ("image_smp", "text_str")
     limit: int | None = None
+    max_per_cell: int | None = None  # this task's cap on selected pairs per cell (default: the select section's)
 
 
 @dataclass
@@ -74,7 +75,8 @@ def _checks() -> tuple[dict[str, Check], dict[str, dict[str, Check]], dict[str, 
                 "report": {"min_conditions": check.whole(1, optional=True), "top_k": check.whole(1),
                            "rule": check.head_rules}}
     task = {"task": check.one_of(TASKS, "task"), "data": check.text(optional=True), "split": check.text(optional=True),
-            "corruptions": check.names(CORRUPTIONS, "corruption"), "limit": check.whole(1, optional=True)}
+            "corruptions": check.names(CORRUPTIONS, "corruption"), "limit": check.whole(1, optional=True),
+            "max_per_cell": check.whole(1, optional=True)}
     return top, sections, task
 
 
@@ -132,7 +134,8 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
         if data is not None:
             check.existing_folder(f"{source}: tasks[{i}].data", data)
         specs.append(TaskSpec(entry["task"], str(data) if data else None, entry.get("split"),
-                              tuple(entry.get("corruptions") or TaskSpec.corruptions), entry.get("limit")))
+                              tuple(entry.get("corruptions") or TaskSpec.corruptions), entry.get("limit"),
+                              entry.get("max_per_cell")))
     if out is None and not top.get("out"):
         raise NoticeError(f"{source}: say where results go with out: FOLDER (or --out)")
     target = Path(out) if out is not None else (base / top["out"]).resolve()
@@ -144,13 +147,19 @@ LLAVA_SITES = ("lm.*.layer", "lm.*.self_attn", "lm.*.mlp", "lm.*.self_attn.head*
 
 
 def demo_configs(out: str | Path) -> list[RunConfig]:
-    """The main job on both embedded models: easy-VQA colour and shape, SMP and STR pairs, every
-    text-encoder module and cross-attention head of BLIP and every language-model module and
-    self-attention head of LLaVA, at every position."""
+    """The main job on both embedded models: easy-VQA colour and shape, each with Semantic Minimal Pairs
+    (image) and yes/no STR (text), plus Gaussian noise on the object as the image baseline of shape
+    (noise on a colour seldom flips these models: colour survives it); every text-encoder module and
+    cross-attention head of BLIP and every language-model module and self-attention head of LLaVA, at
+    every position. Each condition keeps 48 pairs: 3 per colour and answer order, 8 per shape and
+    answer order."""
     out = Path(out)
-    tasks = [TaskSpec("easyvqa-color", split="test", limit=120), TaskSpec("easyvqa-shape", split="test", limit=160)]
-    return [RunConfig(out=out / "blip", tasks=tasks, model="easyvqa-blip", max_per_cell=1),
-            RunConfig(out=out / "llava", tasks=tasks, model="easyvqa-llava", max_per_cell=1, sites=LLAVA_SITES)]
+    tasks = [TaskSpec("easyvqa-color", split="test", limit=120, max_per_cell=3,
+                      corruptions=("image_smp", "text_str_yesno")),
+             TaskSpec("easyvqa-shape", split="test", limit=240, max_per_cell=8,
+                      corruptions=("image_smp", "text_str_yesno", "image_noise"))]
+    return [RunConfig(out=out / "blip", tasks=tasks, model="easyvqa-blip"),
+            RunConfig(out=out / "llava", tasks=tasks, model="easyvqa-llava", sites=LLAVA_SITES)]
 
 
 def run_pipeline(config: RunConfig, console) -> Path:
@@ -179,39 +188,24 @@ def run_steps(config: RunConfig, console):
 
     from notice.analysis.head_functions import read_head_functions, write_head_functions
     from notice.io import no_new_empty_folders
-    from notice.models import PromptBudget, load_model
-    from notice.pairs import pairs_provenance, read_pairs
+    from notice.models import load_model
+    from notice.pairs import read_pairs
     from notice.patching.engine import example_run
     from notice.patching.sites import check_patterns
     from notice.report.build import ModelResults
-    from notice.select import select_pairs, selection_report_path, selection_row, write_selection
+    from notice.select import selection_report_path
     from notice.store import load_results
-    from notice.tasks import build_pairs
 
     out = config.out
     adapter = load_model(config.model, device=config.device, dtype=config.dtype)
     check_patterns(config.sites, adapter.streams, adapter.num_positions(example_run(adapter)))
-    budget = PromptBudget.of(adapter)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
-    selected, selected_files, selection_reports = [], [], {}
     with no_new_empty_folders(out), Progress(*columns, console=console) as progress:
-        for spec in config.tasks:
-            pairs_file = out / "pairs" / f"{spec.task}.parquet"
-            if not pairs_file.is_file():
-                build_pairs(spec.task, pairs_file, adapter.tokenizer, data=spec.data, split=spec.split,
-                            seed=config.seed, corruptions=spec.corruptions, limit=spec.limit, progress=progress,
-                            budget=budget)
-            _record_config(config)  # once a step has finished: from then on the folder is a run folder
-            kept_file = out / "selected" / f"{spec.task}.parquet"
-            if not kept_file.is_file():
-                selection = select_pairs(adapter, read_pairs(pairs_file), threshold=config.threshold,
-                                         seed=config.seed, balance=config.balance,
-                                         max_per_cell=config.max_per_cell, progress=progress)
-                write_selection(selection, kept_file, pairs_provenance(pairs_file))
-            selection_reports[spec.task] = selection_row(json.loads(selection_report_path(kept_file).read_text()))
-            selected += read_pairs(kept_file)
-            selected_files.append(kept_file)
+        selected_files = select_steps(config, adapter, progress)
+        selection_reports = {path.stem: json.loads(selection_report_path(path).read_text())
+                             for path in selected_files}
+        selected = [pair for path in selected_files for pair in read_pairs(path)]
         console.print(f"{config.model}: selected {len(selected)} pairs ("
                       + ", ".join(f"{task} {s['kept']}" for task, s in selection_reports.items()) + ")")
         results = patch_all(adapter, selected, config, progress, selected_files)
@@ -220,6 +214,33 @@ def run_steps(config: RunConfig, console):
         console.print(f"{config.model}: head functions on {len(selected)} clean inputs")
         functions = read_head_functions(write_head_functions(adapter, selected, out / "head_functions"))
     return ModelResults(config.model, load_results(results), functions, selected, selection_reports)
+
+
+def select_steps(config: RunConfig, adapter, progress=None) -> list[Path]:
+    """Pairs and selection of every task of `config` (each step skipped when its file exists); returns the
+    selected pairs files, `<out>/selected/<task>.parquet`, their drop counts beside them."""
+    from notice.models import PromptBudget
+    from notice.pairs import pairs_provenance, read_pairs
+    from notice.select import select_pairs, write_selection
+    from notice.tasks import build_pairs
+
+    budget = PromptBudget.of(adapter)
+    kept_files = []
+    for spec in config.tasks:
+        pairs_file = config.out / "pairs" / f"{spec.task}.parquet"
+        if not pairs_file.is_file():
+            build_pairs(spec.task, pairs_file, adapter.tokenizer, data=spec.data, split=spec.split,
+                        seed=config.seed, corruptions=spec.corruptions, limit=spec.limit, progress=progress,
+                        budget=budget)
+        _record_config(config)  # once a step has finished: from then on the folder is a run folder
+        kept_file = config.out / "selected" / f"{spec.task}.parquet"
+        if not kept_file.is_file():
+            selection = select_pairs(adapter, read_pairs(pairs_file), threshold=config.threshold,
+                                     seed=config.seed, balance=config.balance,
+                                     max_per_cell=spec.max_per_cell or config.max_per_cell, progress=progress)
+            write_selection(selection, kept_file, pairs_provenance(pairs_file))
+        kept_files.append(kept_file)
+    return kept_files
 
 
 def _record_config(config: RunConfig) -> None:

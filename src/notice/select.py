@@ -44,12 +44,6 @@ class Selection:
                 "dropped": {f: sum(self.dropped[c][f] for c in corruptions) for f in FILTERS}}
 
 
-def selection_row(report: dict) -> dict:
-    """One row of counts from a selection report: pairs in, kept, and dropped by each filter."""
-    return {"input": report["input"], "kept": report["kept"],
-            **{f"dropped: {name}": count for name, count in report["dropped"].items()}}
-
-
 def selection_report_path(out: str | Path) -> Path:
     """Where the drop counts of a selection are stored: `<out stem>.selection.json` beside it."""
     out = Path(out)
@@ -112,9 +106,10 @@ def _run(adapter, pairs: Sequence[Pair], side: str, batch_size: int, progress) -
     for start in range(0, len(noisy), batch_size * 8):
         chunk = noisy[start:start + batch_size * 8]
         images = _Images()
-        for index in adapter.batches_by_length([pairs[i].clean_prompt for i in chunk], batch_size):
+        pictures = [images(pairs[i], "clean_image") for i in chunk]
+        for index in adapter.batches_by_length([pairs[i].clean_prompt for i in chunk], batch_size, pictures):
             members = [chunk[j] for j in index]
-            run = noisy_run(adapter, [pairs[i] for i in members], [images(pairs[i], "clean_image") for i in members])
+            run = noisy_run(adapter, [pairs[i] for i in members], [pictures[j] for j in index])
             for i, row in zip(members, adapter.run_logits(run)):
                 out[i] = row
         if task is not None:
@@ -206,7 +201,7 @@ def balance_pairs(pairs: Sequence[Pair], seed: int, max_per_cell: int | None = N
     cells: dict[tuple, dict[tuple, list[Pair]]] = defaultdict(lambda: defaultdict(list))
     for pair in pairs:
         group = (pair.task, pair.corruption)
-        cell = (str(pair.metadata.get("category", "")), bool(pair.metadata.get("correct_first", True)))
+        cell = (str(pair.metadata.get("category", "")), _answer_order(pair))
         cells[group][cell].append(pair)
     rng = random.Random(seed)
     keep: set[str] = set()
@@ -229,6 +224,14 @@ def balance_pairs(pairs: Sequence[Pair], seed: int, max_per_cell: int | None = N
                 count = len(members) if size is None else min(size, len(members))
                 keep.update(p.id for p in rng.sample(members, count))
     return [p for p in pairs if p.id in keep]
+
+
+def _answer_order(pair: Pair) -> bool:
+    """The order cell: whether the right option stands first in a two-way prompt, or for a yes/no prompt
+    whether it asserts (answer yes) rather than negates; neither may be confounded with an effect."""
+    if "negated" in pair.metadata:
+        return not pair.metadata["negated"]
+    return bool(pair.metadata.get("correct_first", True))
 
 
 def write_selection(selection: Selection, out: str | Path,

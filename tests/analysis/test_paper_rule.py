@@ -56,22 +56,22 @@ def blip_table() -> pd.DataFrame:
 def test_notice_rule_picks_the_head_at_the_answer_word(blip_table):
     records = {f"p{s}": BLIP_RECORD for s in range(6)}
     rankings, coverage = pr.rank_by_rule(blip_table, records, "text", "cross_attn", "notice")
-    assert important(rankings, "color/image") == {(1, 2)}
+    assert important(rankings, "color/image/smp") == {(1, 2)}
     assert set(coverage["position"]) == {4} and (coverage["reason"] == "").all()
-    ranked = rankings["color/image"]
+    ranked = rankings["color/image/smp"]
     assert ranked.iloc[0]["mean_abs_score"] == pytest.approx(0.6)
     values = ranked["mean_abs_score"].to_numpy()
     assert ranked.attrs["threshold"] == pytest.approx(values.mean() + 2 * values.std())
     # our default rule reads each head at its strongest position and so names all three
     default = rank_by_condition(blip_table, "text", "cross_attn")
-    assert {(r.layer, r.head) for r in default["color/image"].head(3).itertuples()} == {(1, 2), (0, 3), (2, 0)}
+    assert {(r.layer, r.head) for r in default["color/image/smp"].head(3).itertuples()} == {(1, 2), (0, 3), (2, 0)}
 
 
 def test_code_variant_reads_the_token_before_the_answer_word(blip_table):
     records = {f"p{s}": BLIP_RECORD for s in range(6)}
     rankings, coverage = pr.rank_by_rule(blip_table, records, "text", "cross_attn", "notice-code")
     assert set(coverage["position"]) == {3}  # "shape", one before "red"
-    assert important(rankings, "color/image") == {(0, 3)}
+    assert important(rankings, "color/image/smp") == {(0, 3)}
 
 
 def test_pairs_the_rule_cannot_score_are_counted_with_their_reason():
@@ -104,7 +104,7 @@ def test_pairs_the_rule_cannot_score_are_counted_with_their_reason():
     counts = pr.coverage_counts(coverage).iloc[0]
     assert (counts["pairs"], counts["scored"], counts["unscored"]) == (7, 1, 6)
     assert "answer word not in the question (1)" in counts["why unscored"]
-    assert rankings["color/image"]["pairs"].max() == 1  # only the scored pair counts
+    assert rankings["color/image/smp"]["pairs"].max() == 1  # only the scored pair counts
     code = dict(pr.rank_by_rule(table, records, "text", "cross_attn", "notice-code")[1][["pair_id", "reason"]].values)
     assert code["yes-no"] == "no question token contains the answer's first wordpiece"
 
@@ -121,7 +121,7 @@ def test_causal_lm_reads_the_answer_word_s_last_token_after_the_template():
     for rule in ("notice", "notice-code"):  # the research code patches LLaVA's heads at that token too
         rankings, coverage = pr.rank_by_rule(table, records, "lm", "self_attn", rule)
         assert set(coverage["position"]) == {10}
-        assert important(rankings, "color/image") == {(2, 1)}
+        assert important(rankings, "color/image/smp") == {(2, 1)}
 
 
 def test_important_is_at_or_above_the_threshold_and_universal_needs_every_condition():
@@ -134,9 +134,9 @@ def test_important_is_at_or_above_the_threshold_and_universal_needs_every_condit
     table = table_of(rows)
     records = {pair_id: BLIP_RECORD for pair_id in table["pair_id"].unique()}
     rankings, _ = pr.rank_by_rule(table, records, "text", "cross_attn", "notice")
-    assert set(rankings) == {"color/image", "color/text", "shape/image", "shape/text"}
+    assert set(rankings) == {"color/image/smp", "color/text/str", "shape/image/smp", "shape/text/str"}
     sets = pr.head_sets(rankings)
-    assert sets["universal"] == set() and sets["shape/text"] == {"L0H0"}
+    assert sets["universal"] == set() and sets["shape/text/str"] == {"L0H0"}
     assert pr.head_sets(rankings, min_conditions=3)["universal"] == {"L1H2"}
     flat = pr.important_heads(pd.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "score": [0.5, 0.5, 0.5]}))
     assert flat["important"].all()  # equal scores meet mean + 2σ exactly: the research code's >=
@@ -151,22 +151,22 @@ def test_rules_side_by_side_show_overlap_and_what_only_one_rule_names():
     assert frame.loc["universal", "default"] == "L1H2" and frame.loc["universal", "notice"] == "–"
 
 
-def test_the_two_str_forms_are_separate_conditions():
+def test_every_corruption_is_a_condition_of_its_own_even_alone_in_its_modality():
     rows = head_rows("a", BLIP_TOKENS, {}, corruption="text_str") + head_rows("b", BLIP_TOKENS, {}, "color",
                                                                             "text_str_both")
     rows += head_rows("c", BLIP_TOKENS, {}, corruption="image_smp") + head_rows("d", BLIP_TOKENS, {}, "shape",
                                                                               "text_str")
     table = table_of(rows)
     assert dict(zip(table["pair_id"], condition_labels(table))) == {
-        "a": "color/text_str", "b": "color/text_str_both", "c": "color/image", "d": "shape/text"}
+        "a": "color/text/str", "b": "color/text/str_both", "c": "color/image/smp", "d": "shape/text/str"}
 
 
 def test_directions_are_never_pooled(blip_table):
     both = pd.concat([blip_table, blip_table.assign(direction="noise", p_correct=0.5)], ignore_index=True)
     records = {f"p{s}": BLIP_RECORD for s in range(6)}
     rankings, _ = pr.rank_by_rule(both, records, "text", "cross_attn", "notice")
-    assert set(rankings) == {"color/image/denoise", "color/image/noise"}
-    assert important(rankings, "color/image/denoise") == {(1, 2)}
+    assert set(rankings) == {"color/image/smp/denoise", "color/image/smp/noise"}
+    assert important(rankings, "color/image/smp/denoise") == {(1, 2)}
 
 
 def test_unknown_rules_are_refused_in_one_line():

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 import helpers
+import tiny_qwen
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,16 @@ def mllama_eager_attention(adapter, inputs) -> torch.Tensor:
     return torch.stack([out.attentions[l] for l in adapter.cross_layers], dim=1)[0, ..., 1:]
 
 
+# --------------------------------------------------------------------------- Gemma 3
+def save_gemma3(folder: Path) -> Path:
+    return helpers.save_gemma3(folder, helpers.TINY_GEMMA3)
+
+
+# ------------------------------------------------------------------- LLaVA-OneVision
+def save_llava_onevision(folder: Path) -> Path:
+    return helpers.save_llava_onevision(folder, helpers.TINY_ANYRES)
+
+
 FAMILIES = {
     "blip": Family("blip", helpers.TINY_BLIP["image_size"], save_blip, blip_native_logits, blip_eager_attention),
     "llava": Family("llava", helpers.TINY_LLAVA["image_size"], save_llava, llava_native_logits, llava_eager_attention),
@@ -123,4 +134,13 @@ FAMILIES = {
     # the base models' prompt (the Instruct chat template is tests/models/test_mllama.py's): a third as many cells
     "mllama": Family("mllama", helpers.TINY_MLLAMA["image_size"], functools.partial(helpers.save_mllama, instruct=False),
                      mllama_native_logits, mllama_eager_attention),
+    # Qwen2-VL's own forward and attention read the same prepared inputs as LLaVA's
+    **{name: Family(name, 64, functools.partial(tiny_qwen.save_qwen, family=name), llava_native_logits,
+                    llava_eager_attention) for name in ("qwen2_vl", "qwen2_5_vl")},
+    # the same references: transformers' forward and eager attention, token_type_ids from the processor
+    "gemma3": Family("gemma3", helpers.TINY_GEMMA3["image_size"], save_gemma3, llava_native_logits,
+                     llava_eager_attention),
+    # pairs of 32x32 images: the base tile and 2x2 tiles, the largest expansion (see TINY_ANYRES)
+    "llava_onevision": Family("llava_onevision", 32, save_llava_onevision, llava_native_logits,
+                              llava_eager_attention),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -32,33 +33,124 @@ def _pairs_with_masks(folder: Path, count: int = 2) -> list[Pair]:
     return pairs
 
 
+# SMP and its Gaussian-noise baseline on the same task and modality, planted on different heads; STR with
+# too few pairs; text noise asked for but never kept. The MLP's effects are 10^4 times smaller than the rest.
+CONDITIONS = {"color/image": [(1, 1)], "color/image/image_noise": [(0, 3)], "color/text": [(1, 1), (0, 2)]}
+SAMPLES = {"color/image": 20, "color/image/image_noise": 20, "color/text": 8}
+SELECTION = {"color": {"settings": {"max_per_cell": 1}, "by_corruption": {
+    "image_smp": {"input": 60, "kept": 20, "balance": 38, "clean_wrong": 2},
+    "image_noise": {"input": 60, "kept": 20, "balance": 40},
+    "text_str": {"input": 60, "kept": 8, "no_flip": 50, "clean_wrong": 2},
+    "text_noise": {"input": 60, "kept": 0, "no_flip": 60}}}}
+
+
+def report_table() -> pd.DataFrame:
+    table = pd.concat([synthetic_table({name: heads}, samples=SAMPLES[name], layers=2, heads=4, seed=i)
+                       for i, (name, heads) in enumerate(CONDITIONS.items())], ignore_index=True)
+    mlp = table["component"] == "mlp"
+    table.loc[mlp, "normalized_effect"] *= 1e-4
+    table["p_correct"] = table["normalized_effect"]
+    return table
+
+
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_blip):
     folder = tmp_path_factory.mktemp("report")
-    table = synthetic_table({"color/image": [(1, 1)], "color/text": [(1, 1), (0, 2)]}, layers=2, heads=4)
-    table["p_correct"] = table["normalized_effect"]
     pairs = _pairs_with_masks(folder)  # no answer-token records: the paper's rule lists every pair as unscored
     functions = read_head_functions(write_head_functions(tiny_blip, pairs, folder / "head_functions"))
-    make_report([ModelResults("tiny", table, functions, pairs, {"pairs.parquet": {"kept": 2, "dropped: clean_wrong": 3}})],
-                folder / "out", "test report", rules=("default", "notice"))
+    make_report([ModelResults("tiny", report_table(), functions, pairs, SELECTION)], folder / "out", "test report",
+                rules=("default", "notice"))
     return folder / "out"
 
 
-def test_report_holds_heatmaps_rankings_universal_heads_and_overlays(report_dir):
+def test_report_opens_with_a_summary_of_what_was_done_and_found(report_dir):
     page = (report_dir / "index.html").read_text()
-    for heading in ("Tasks and selection", "color/image", "color/text", "Universal heads", "What the heads do",
-                    "Head-selection rules (default, notice)", "Rules side by side"):
-        assert heading in page
-    assert "L1H1" in page  # the planted head is universal across both conditions
-    figures = {p.name for p in (report_dir / "figures").iterdir()}
-    assert {"color-image-text-layer.png", "color-image-text-layer.pdf", "color-image-text-heads.png"} <= figures
-    assert any(name.startswith("overlay-") for name in figures)
-    assert (report_dir / "plotly.min.js").stat().st_size > 1_000_000  # bundled, no network needed
-    assert "https://" not in page.split("<body>")[0]
-    assert json.loads((report_dir / "report.json").read_text())["sections"][0] == "Tasks and selection"
+    summary = page[page.index('<section class="summary"'):page.index("</section>")]
+    for expected in ("What was done", "denoise: clean activations patched into the corrupted run", "Metric",
+                     "(LD_patched − LD_corrupt) / (LD_clean − LD_corrupt)", "Findings", "Conditions",
+                     "Strongest module and head per condition", "Universal heads", "Tables (CSV)",
+                     "Semantic Minimal Pairs (image_smp)", "Gaussian noise (baseline) (image_noise)"):
+        assert expected in summary, expected
+    facts = json.loads((report_dir / "report.json").read_text())["summary"]
+    assert facts["models"] == ["tiny"] and facts["tasks"] == ["color"] and facts["direction"] == ["denoise"]
+    status = {c["condition"]: (c["analysed"], c["status"]) for c in facts["conditions"]}
+    assert status == {"color/image/smp": (20, "ok"), "color/image/noise": (20, "ok"),
+                      "color/text/str": (8, "too few pairs (< 20)"), "color/text/noise": (0, "no pairs")}
+    findings = " ".join(facts["findings"])
+    assert "under Gaussian noise against" in findings and "under Semantic Minimal Pairs" in findings
+    assert "Of 4 conditions, 1 condition has fewer than 20 pairs and 1 condition has none" in findings
 
 
-def test_report_renders_in_headless_chromium_without_console_errors(report_dir, tmp_path):
+def test_noise_and_smp_rows_are_reported_as_separate_conditions(report_dir):
+    strongest = pd.read_csv(report_dir / "tables" / "strongest.csv").set_index("condition")
+    assert strongest.loc["color/image/smp", "head"] == "L1H1" and strongest.loc["color/image/noise", "head"] == "L0H3"
+    assert strongest.loc["color/image/smp", "head_mean_abs"] > 0.7  # pooled with noise it would halve
+    ranking = pd.read_csv(report_dir / "tables" / "head_ranking.csv")
+    assert set(ranking["condition"]) == {"color/image/smp", "color/image/noise", "color/text/str"}
+    assert (ranking.groupby("condition")["samples"].max().to_dict()
+            == {"color/image/smp": 20, "color/image/noise": 20, "color/text/str": 8})
+    means = pd.read_csv(report_dir / "tables" / "module_means.csv")
+    assert set(means["corruption"]) == {"image_smp", "image_noise", "text_str"} and (means["count"] <= 20).all()
+    # as plotly's JSON writes "/" and a title's line break
+    page = (report_dir / "index.html").read_text().replace("\\u002f", "/").replace("\\u003cbr\\u003e", " ")
+    assert "Semantic Minimal Pairs (color/image/smp, n=20)" in page
+    assert "Gaussian noise (baseline) (color/image/noise, n=20)" in page
+
+
+def test_every_condition_shows_its_pairs_or_the_reason_it_has_too_few(report_dir):
+    page = (report_dir / "index.html").read_text()
+    assert 'data-condition="color/text/noise"' in page
+    assert "0 of 60 kept; dropped: 60 no_flip" in page
+    assert "8 pairs, too few pairs (&lt; 20): 8 of 60 kept; dropped: 50 no_flip, 2 clean_wrong" in page
+    assert "no_flip: the corruption does not flip the model&#x27;s answer" in page  # what each filter means
+    conditions = pd.read_csv(report_dir / "tables" / "conditions.csv", keep_default_na=False)
+    assert list(conditions["condition"]) == ["color/image/smp", "color/image/noise", "color/text/str",
+                                             "color/text/noise"]
+
+
+def test_figures_appear_once_with_static_files_linked_and_captions_that_say_what_cells_hold(report_dir):
+    page = (report_dir / "index.html").read_text()
+    report = json.loads((report_dir / "report.json").read_text())
+    ids = [f["id"] for f in report["figures"]]
+    assert sorted(ids) == ["color-image-heads", "color-image-modules", "color-text-heads", "color-text-modules"]
+    for figure in report["figures"]:
+        assert page.count(f'data-figure="{figure["id"]}"') == 1 and page.count(f'id="{figure["id"]}"') == 1
+        assert [Path(f).suffix for f in figure["files"]] == [".png", ".pdf"]
+        for file in figure["files"]:
+            assert (report_dir / file).stat().st_size > 1000 and f'href="{file}"' in page
+    assert "<img" not in page.replace('<img src="figures/overlay-', "")  # only overlays are images
+    modules = next(f["caption"] for f in report["figures"] if f["id"] == "color-image-modules")
+    assert "Each cell: the mean over the condition's pairs of the normalized effect" in modules
+    assert re.search(r"text MLP ±[0-9.e-]+ \(1/[0-9,]+ of the largest\)", modules)  # marked, not hidden
+    heads = next(f["caption"] for f in report["figures"] if f["id"] == "color-image-heads")
+    assert "|normalized effect| at the token where it is largest" in heads and "the rankings below sort by" in heads
+
+
+def test_every_table_is_a_csv_linked_from_the_page_and_listed_in_report_json(report_dir):
+    page = (report_dir / "index.html").read_text()
+    tables = json.loads((report_dir / "report.json").read_text())["tables"]
+    assert {"conditions", "strongest", "module_means", "head_ranking", "universal_heads", "head_functions",
+            "selection", "heads-notice", "pairs-notice"} <= set(tables)
+    for entry in tables.values():
+        frame = pd.read_csv(report_dir / entry["path"])
+        assert len(frame) == entry["rows"] and f'href="{entry["path"]}"' in page and entry["description"]
+    ranking = pd.read_csv(report_dir / tables["head_ranking"]["path"])
+    assert {"ci_low", "ci_high", "mean_abs_effect", "important", "model"} <= set(ranking.columns)
+    assert (ranking["ci_low"] <= ranking["mean_abs_effect"]).all()
+    functions = pd.read_csv(report_dir / tables["head_functions"]["path"])
+    assert {"mask_iou", "object_inhibition", "head_name"} <= set(functions.columns)
+    assert len(functions) == len(functions[["layer", "head"]].drop_duplicates()) == 2 * 4  # every head of the tiny BLIP
+
+
+def test_overlays_name_the_image_question_answer_and_head(report_dir):
+    page = (report_dir / "index.html").read_text()
+    captions = re.findall(r'<div class="overlays">.*?</div>', page, re.S)[0]
+    assert "L1H1 on the clean image of pair p0 (color/image/smp): question “is the shape red or blue?”, answer " \
+           "“red” (contrast “blue”)" in captions
+    assert all((report_dir / "figures" / name).is_file() for name in re.findall(r'src="figures/([^"]+)"', captions))
+
+
+def test_report_renders_in_headless_chromium_with_summary_conditions_figures_and_tables(report_dir, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -71,26 +163,54 @@ def test_report_renders_in_headless_chromium_without_console_errors(report_dir, 
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    report = json.loads((report_dir / "report.json").read_text())
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.get((report_dir / "index.html").resolve().as_uri())
-        page = (report_dir / "index.html").read_text()
-        expected_plots = page.count("Plotly.newPlot(")
         # plotly draws after the page loads: wait for every plot and image rather than racing them
         WebDriverWait(driver, 60).until(lambda d: d.execute_script(
             "return document.readyState === 'complete' && [...document.images].every(i => i.complete)"
-            " && document.querySelectorAll('div.js-plotly-plot .main-svg').length >= arguments[0]", expected_plots))
-        plots = driver.find_elements(By.CSS_SELECTOR, "div.js-plotly-plot .main-svg")
-        images = driver.find_elements(By.TAG_NAME, "img")
-        loaded = [driver.execute_script("return arguments[0].naturalWidth", img) for img in images]
+            " && document.querySelectorAll('div.js-plotly-plot .main-svg').length > 0"
+            " && document.querySelectorAll('figure.plot div.js-plotly-plot').length"
+            " === document.querySelectorAll('figure.plot').length"))
+        summary = driver.find_element(By.ID, "summary")
+        summary_text = summary.text
+        summary_top = summary.location["y"]
+        first_section = driver.find_element(By.CSS_SELECTOR, "h2[id^='s']").location["y"]
+        condition_items = {e.get_attribute("data-condition"): e.text
+                           for e in driver.find_elements(By.CSS_SELECTOR, "[data-condition]")}
+        figure_ids = [e.get_attribute("data-figure") for e in driver.find_elements(By.CSS_SELECTOR, "figure.plot")]
+        drawn = len(driver.find_elements(By.CSS_SELECTOR, "figure.plot div.js-plotly-plot"))
+        images = [img.get_attribute("src") for img in driver.find_elements(By.TAG_NAME, "img")]
+        loaded = [driver.execute_script("return arguments[0].naturalWidth", img)
+                  for img in driver.find_elements(By.TAG_NAME, "img")]
+        links = {a.get_attribute("href").split("/report/")[-1] for a in driver.find_elements(By.TAG_NAME, "a")
+                 if a.get_attribute("href")}
+        heads_z = driver.execute_script(  # the values plotly drew, decoded from its typed arrays
+            "return document.getElementById('color-image-heads')._fullData[0].z.map(row => Array.from(row))")
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         screenshot = tmp_path / "report.png"
         driver.save_screenshot(str(screenshot))
     finally:
         driver.quit()
     assert not errors, errors
-    assert expected_plots >= 4 and len(plots) >= expected_plots  # interactive heatmaps drawn by the bundled plotly
-    assert images and all(width > 0 for width in loaded)
+    assert summary_top < first_section and "Findings" in summary_text and "Strongest module and head" in summary_text
+    conditions = pd.read_csv(report_dir / "tables" / "conditions.csv", keep_default_na=False)
+    assert set(condition_items) == set(conditions["condition"])  # every condition, with pairs or a reason
+    for row in conditions.itertuples():
+        assert (f"{row.analysed} pairs" in condition_items[row.condition]
+                and (row.status == "ok" or row.reason in condition_items[row.condition]))
+    assert len(figure_ids) == len(set(figure_ids)) == len(report["figures"]) == drawn  # each figure once
+    assert images and all(src.split("/")[-1].startswith("overlay-") for src in images) and all(loaded)
+    for entry in report["tables"].values():
+        assert any(link.endswith(entry["path"]) for link in links), entry["path"]
+    for figure in report["figures"]:
+        assert all(any(link.endswith(f) for link in links) for f in figure["files"])
+    # the head heatmap shows the ranking's statistic: mean |effect| per head
+    ranking = pd.read_csv(report_dir / "tables" / "head_ranking.csv")
+    smp = ranking[ranking["condition"] == "color/image/smp"].pivot(index="layer", columns="head",
+                                                                   values="mean_abs_effect")
+    np.testing.assert_allclose(np.array(heads_z, dtype=float), smp.to_numpy(), rtol=1e-6)
     assert screenshot.stat().st_size > 10_000
 
 
@@ -112,7 +232,7 @@ def test_paper_rule_section_lists_its_heads_beside_the_default_and_counts_unscor
     heads = pd.read_csv(tmp_path / "out" / "tables" / "heads-notice.csv")
     chosen = heads[heads["important"]]
     assert set(zip(chosen["condition"], chosen["layer"], chosen["head"])) == {
-        ("color/image", 1, 1), ("color/text", 1, 1), ("color/text", 0, 2)}
+        ("color/image/smp", 1, 1), ("color/text/str", 1, 1), ("color/text/str", 0, 2)}
 
 
 def test_paper_rule_without_pairs_is_refused_before_anything_is_written(tmp_path):
@@ -122,3 +242,28 @@ def test_paper_rule_without_pairs_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(NoticeError, match="unknown head-selection rule"):
         make_report([ModelResults("tiny", table)], tmp_path / "out", "rules", rules=["best"])
     assert not (tmp_path / "out").exists()
+
+
+def test_attribution_estimates_with_verified_cells_are_read_as_the_estimates_and_named(tmp_path):
+    estimates = synthetic_table({"color/image": [(1, 1)]}, samples=6, layers=2, heads=4)
+    estimates = estimates.assign(method="atp*", score=estimates["normalized_effect"].abs())
+    planted = estimates[estimates["head"].notna() & (estimates["layer"] == 1) & (estimates["head"] == 1)]
+    verified = planted.assign(method="exact", normalized_effect=planted["normalized_effect"] * 10)  # told apart
+    make_report([ModelResults("tiny", pd.concat([estimates, verified], ignore_index=True))], tmp_path / "out", "atp")
+    strongest = pd.read_csv(tmp_path / "out" / "tables" / "strongest.csv").iloc[0]
+    assert strongest["head"] == "L1H1" and 0.7 < strongest["head_mean_abs"] < 0.9  # the estimate alone
+    facts = json.loads((tmp_path / "out" / "report.json").read_text())["summary"]
+    assert facts["method"] == ["atp*"]
+    assert "tiny: the strongest text cross-attention head is L1H1 in color/image/smp (0.8" in " ".join(facts["findings"])
+    assert "Attribution patching (AtP*)" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_overlays_take_their_pairs_from_each_condition_in_turn():
+    from notice.report.sections import _varied
+
+    def pair(i: str, corruption: str) -> Pair:
+        return Pair(i, "color", corruption, "a.png", "a.png", "q", "q", "red", "blue")
+
+    pairs = [pair("s0", "image_smp"), pair("s1", "image_smp"), pair("s2", "image_smp"), pair("n0", "image_noise")]
+    assert _varied(pairs, 2) == ["s0", "n0"] and _varied(pairs, 3) == ["s0", "n0", "s1"]
+    assert _varied([], 2) == []

@@ -141,3 +141,44 @@ def test_pairs_record_where_the_answer_word_sits_among_the_question_tokens(tmp_p
         assert pieces[0] == record["first_piece"]
         # the research code reads one position before the word: its index skips [CLS]
         assert record["code_position"] == record["positions"][0] - 1
+
+
+@pytest.mark.parametrize("task, attribute, form", [("easyvqa-color", "color", "is {} {} shape present?"),
+                                                   ("easyvqa-shape", "shape", "is {} {} present?")])
+def test_yes_no_str_asks_about_the_shown_value_and_swaps_only_that_word(tmp_path, bert_tokenizer, task, attribute,
+                                                                        form):
+    out = tmp_path / "yes-no.parquet"
+    report = build_pairs(task, out, bert_tokenizer, limit=8, seed=0, corruptions=["text_str_yesno"])
+    pairs = read_pairs(out)
+    # one per sample, but where bert-base-uncased splits the word ("tea ##l", "rec ##tangle") and no other
+    # value has as many tokens: STR's length check skips and counts those
+    unmatched = report.skipped["text_str_yesno: no contrast word of equal token length"]
+    assert len(pairs) == report.pairs["text_str_yesno"] == 16 - unmatched and len(pairs) >= 8
+    for pair in pairs:
+        shown = pair.metadata[attribute]
+        if pair.metadata["direction"] == "reverse":  # the clean image is the SMP partner
+            shown = pair.metadata["category"]
+        negated = pair.metadata["negated"]
+        assert pair.clean_image == pair.corrupt_image and pair.metadata["category"] == shown
+        if attribute == "color":
+            assert pixel_color(_pixels(pair.clean_image)) == shown
+        assert pair.clean_prompt == form.format("no" if negated else "a", shown)
+        other = pair.metadata["str"]["replacement"]
+        assert other != shown and pair.corrupt_prompt == form.format("no" if negated else "a", other)
+        assert (pair.correct, pair.incorrect) == (("no", "yes") if negated else ("yes", "no"))
+        clean, corrupt = (bert_tokenizer(p)["input_ids"] for p in (pair.clean_prompt, pair.corrupt_prompt))
+        assert len(clean) == len(corrupt)
+        assert [i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b] == pair.metadata["str"]["positions"]
+    assert {p.metadata["negated"] for p in pairs} == {True, False}
+    # asserting and negated prompts line up: one length, the named value at one position
+    assert len({len(bert_tokenizer(p.clean_prompt)["input_ids"]) for p in pairs}) == 1
+
+
+def test_yes_no_str_is_counted_as_skipped_for_a_task_without_the_form(bert_tokenizer):
+    from notice.tasks.common import BuildReport, Sample, derive_pairs
+
+    sample = Sample(id="s", task="toy", clean_image="a.png", corrupt_image="b.png", prompt="is it red or blue?",
+                    correct="red", incorrect="blue", category="red", str_candidates=["red", "blue", "green"])
+    report = BuildReport()
+    assert derive_pairs(sample, bert_tokenizer, ["text_str_yesno"], 0, report) == []
+    assert report.skipped == {"text_str_yesno: the task has no yes/no question form": 1}

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 
 from notice.analysis.heads import head_name
-from notice.analysis.universal import condition_labels, universal_heads
+from notice.analysis.conditions import condition_labels
+from notice.analysis.universal import universal_heads
 from notice.errors import NoticeError
 
 RULES = ("default", "notice", "notice-code")
@@ -153,9 +154,7 @@ def rank_by_rule(table: pd.DataFrame, records: dict[str, dict[str, Any]], stream
     per-pair coverage with columns pair_id, condition, position, reason)."""
     if rule not in PAPER_RULES:
         raise ValueError(f"rank_by_rule reads {' or '.join(PAPER_RULES)}, not {rule!r}")
-    table = table.assign(condition=condition_labels(table))
-    if table["direction"].nunique() > 1:  # p(correct) means opposite things in the two directions
-        table["condition"] += "/" + table["direction"].astype(str)
+    table = table.assign(condition=condition_labels(table))  # with the direction where both are held
     heads = table[(table["stream"] == stream) & (table["component"] == component) & table["head"].notna()]
     positions = rule_positions(table[table["pair_id"].isin(set(heads["pair_id"]))], records, stream, rule)
     patched = set(zip(heads["pair_id"], heads["position"]))
@@ -187,7 +186,7 @@ def head_sets(rankings: dict[str, pd.DataFrame], min_conditions: int | None = No
     """Important heads per condition, and the universal ones under "universal"."""
     sets = {condition: {head_name(r.layer, r.head) for r in ranked[ranked["important"]].itertuples()}
             for condition, ranked in rankings.items()}
-    universal = universal_heads(rankings, min_conditions) if rankings else pd.DataFrame(columns=["head"])
+    universal = universal_heads(rankings, min_conditions)
     sets["universal"] = set(universal["head"])
     return sets
 

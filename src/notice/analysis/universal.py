@@ -1,24 +1,19 @@
-"""Universal heads: heads important in at least k of the n (task, corruption modality) conditions.
+"""Universal heads: heads important in at least k of the n conditions.
 
 Computed from the results table, never written by hand. The paper's "universal" means all
-conditions, the default here. A condition is a task and the corrupted modality; where one
-modality holds several corruptions (STR in both forms, Gaussian noise), each corruption is a
-condition of its own, so that no ranking pools them.
+conditions, the default here. A condition is a task, the corrupted modality and the corruption
+(`notice.analysis.conditions`), so that no ranking pools Gaussian noise with Semantic Minimal
+Pairs, or the two STR forms.
 """
 
 from __future__ import annotations
 
 import pandas as pd
 
+from notice.analysis.conditions import condition_labels
 from notice.analysis.heads import METRIC, head_effects, head_name, rank_heads
 
-
-def condition_labels(table: pd.DataFrame) -> pd.Series:
-    """Each row's condition: "task/modality", or "task/corruption" where that task's modality holds
-    several corruptions (e.g. text_str and text_str_both)."""
-    label = table["task"].astype(str) + "/" + table["modality"].astype(str)
-    mixed = table.groupby(label)["corruption"].transform("nunique") > 1
-    return label.where(~mixed, table["task"].astype(str) + "/" + table["corruption"].astype(str))
+COLUMNS = ["head", "layer", "head_index", "conditions", "of", "where"]
 
 
 def rank_by_condition(table: pd.DataFrame, stream: str = "text", component: str = "cross_attn",
@@ -46,6 +41,8 @@ def universal_heads(rankings: dict[str, pd.DataFrame], min_conditions: int | Non
     """Heads marked by `rule` ("important": mean + 2σ, or "top_k") in at least `min_conditions`
     conditions (default: all of them), with the conditions that name them."""
     n = len(rankings)
+    if not n:
+        return pd.DataFrame(columns=COLUMNS)
     k = n if min_conditions is None else min_conditions
     if not 1 <= k <= max(n, 1):
         raise ValueError(f"min_conditions must be between 1 and {n}, not {k}")
@@ -56,5 +53,5 @@ def universal_heads(rankings: dict[str, pd.DataFrame], min_conditions: int | Non
     rows = [{"head": head_name(*key), "layer": key[0], "head_index": key[1], "conditions": len(names),
              "of": n, "where": ", ".join(sorted(names))}
             for key, names in hits.items() if len(names) >= k]
-    frame = pd.DataFrame(rows, columns=["head", "layer", "head_index", "conditions", "of", "where"])
+    frame = pd.DataFrame(rows, columns=COLUMNS)
     return frame.sort_values(["conditions", "layer", "head_index"], ascending=[False, True, True], ignore_index=True)

@@ -36,28 +36,38 @@ FAMILIES = {
     "blip-2": "notice.models.qformer:Blip2Adapter",
     "instructblip": "notice.models.qformer:InstructBlipAdapter",
     "mllama": "notice.models.mllama:MllamaAdapter",
+    "qwen2_vl": "notice.models.qwen2_vl:Qwen2VLAdapter",
+    "qwen2_5_vl": "notice.models.qwen2_vl:Qwen25VLAdapter",
+    "gemma3": "notice.models.gemma3:Gemma3Adapter",
+    "llava_next": "notice.models.llava_next:LlavaNextAdapter",
+    "llava_onevision": "notice.models.llava_onevision:LlavaOnevisionAdapter",
 }
 
 
-def adapter_class(model_type: str) -> type[ModelAdapter]:
+def adapter_class(model_type: str, architecture: str = "") -> type[ModelAdapter]:
+    """The adapter of a checkpoint's model_type; `architecture` (its class) names it in the error."""
     if model_type not in FAMILIES:
-        raise NoticeError(f"model type {model_type!r} is not supported: notice knows {', '.join(sorted(FAMILIES))}")
+        what = f"{architecture} (model type {model_type!r})" if architecture else f"model type {model_type!r}"
+        raise NoticeError(f"{what} is not supported: notice reads {', '.join(sorted(FAMILIES))} checkpoints; pass "
+                          "one of those, or add an adapter for it (README: Model families and the adapter contract)")
     module, name = FAMILIES[model_type].split(":")
     return getattr(importlib.import_module(module), name)
 
 
-def _model_type(source: str) -> str:
-    """The model_type of a resolved source (see `resolve_model`): a folder's config.json, or the hub's."""
+def _model_type(source: str) -> tuple[str, str]:
+    """(model_type, first architecture) of a resolved source: a folder's config.json, or the hub's."""
     folder = Path(source)
     if folder.is_dir():
         config_file = folder / "config.json"
         if not config_file.is_file():
             raise NoticeError(f"{folder} has no config.json: point --model at a folder written by save_pretrained")
-        return json.loads(config_file.read_text()).get("model_type", "")
+        config = json.loads(config_file.read_text())
+        return config.get("model_type", ""), (config.get("architectures") or [""])[0]
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source).model_type
+        found = AutoConfig.from_pretrained(source)
+        return found.model_type, (getattr(found, "architectures", None) or [""])[0]
     except Exception as error:  # unknown id, gated repository, malformed config: all mean the same to a user
         raise NoticeError(f"cannot load model {source!r}: the hub did not serve it ({error.__class__.__name__}); "
                           f"check the id; {_choices(source)}, or pass a folder written by save_pretrained") from error
@@ -166,7 +176,7 @@ def prompt_budget(name: str) -> PromptBudget:
     """The prompt budget of a model from its config and processor, without loading its weights
     (`notice pairs` checks every pair against it)."""
     source = resolve_model(name)
-    limit, length = adapter_class(_model_type(source)).prompt_budget(source)
+    limit, length = adapter_class(*_model_type(source)).prompt_budget(source)
     return PromptBudget(name, limit, functools.lru_cache(maxsize=None)(length))
 
 
@@ -178,7 +188,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torc
 
     hf_logging.disable_progress_bar()  # our own progress bars speak for long work
     source = resolve_model(name)
-    family = adapter_class(_model_type(source))
+    family = adapter_class(*_model_type(source))
     extra = {}
     if load_in_4bit:
         if family.family != "llava":

@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -191,10 +191,11 @@ class ModelAdapter(ABC):
 
     Public members (everything outside models/ uses only these): `family`, `name`, `model`,
     `tokenizer`, `streams`, `cross_layer_streams`, `device`, `dtype`, `from_pretrained`,
-    `answer_token_ids`, `token_length`, `length_key`, `tokenize`, `answer_logits`, `score_answers`, `generate`,
-    `runs_for`, `run_logits`, `num_positions`, `position_labels`, `resolve_noise`, `trace`,
-    `patched_logits`, `hook_point`, `edit_site`, `site_columns`, `full_patch_sites`, `cell_bytes`,
-    `parameter_bytes`, `image_attention`, `max_prompt_tokens`, `describe`.
+    `answer_token_ids`, `token_length`, `length_key`, `tokenize`, `image_key`, `batches_by_length`,
+    `answer_logits`, `score_answers`, `generate`, `runs_for`, `run_logits`, `num_positions`, `position_labels`,
+    `resolve_noise`, `trace`, `patched_logits`, `hook_point`, `edit_site`, `stream_rows`, `site_columns`,
+    `full_patch_sites`, `cell_bytes`, `parameter_bytes`, `image_attention`, `max_prompt_tokens`,
+    `describe`, `first_patch`.
     A family implements the abstract members and sets `streams`, `stream_maps` and `blocks`.
     """
 
@@ -202,6 +203,7 @@ class ModelAdapter(ABC):
     cross_layer_streams: ClassVar[frozenset[str]] = frozenset()  # streams whose patched_logits mixes layers
     answer_batch_size: ClassVar[int] = 64
     trace_outputs: ClassVar[dict[str, str]] = {}  # cache name → module whose output (row 0) a trace keeps
+    first_patch: ClassVar[int] = 1  # vision positions before the first grid patch (a [CLS] token); 0 without one
 
     streams: dict[str, StreamFacts]
     stream_maps: dict[str, StreamMap]
@@ -292,9 +294,10 @@ class ModelAdapter(ABC):
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
         """Free-form greedy answers, as transformers' `generate` gives them."""
 
-    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+    def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (as pairs store STR and text-noise sites) in the
-        model's input; the same for a model whose input is the question itself."""
+        model's input (`run`'s, where the image's size moves them); the same for a model whose input is
+        the question itself."""
         return list(positions)
 
     def length_key(self, question: str) -> Any:
@@ -302,11 +305,19 @@ class ModelAdapter(ABC):
         length of any second tokenization the model reads)."""
         return self.token_length(question)
 
-    def batches_by_length(self, questions: Sequence[str], batch_size: int) -> list[list[int]]:
-        """Index batches whose prompts share a token length: no padding ever enters a forward."""
-        groups: dict[Any, list[int]] = {}
+    def image_key(self, image: Image.Image) -> Hashable:
+        """What of an image decides how many positions it takes (None: every image takes the same;
+        Qwen2-VL: its patch grid; LLaVA-NeXT: its size, which decides its tiles)."""
+        return None
+
+    def batches_by_length(self, questions: Sequence[str], batch_size: int,
+                          images: Sequence[Image.Image] | None = None) -> list[list[int]]:
+        """Index batches whose prompts share a token length (`length_key`) and, with `images`, whose images
+        take the same positions (one `image_key`): no padding ever enters a forward."""
+        groups: dict[tuple[Any, str], list[int]] = {}
         for i, question in enumerate(questions):
-            groups.setdefault(self.length_key(question), []).append(i)
+            key = None if images is None else self.image_key(images[i])
+            groups.setdefault((self.length_key(question), repr(key)), []).append(i)
         return [idx[s:s + batch_size] for _, idx in sorted(groups.items()) for s in range(0, len(idx), batch_size)]
 
     @torch.no_grad()
@@ -322,12 +333,12 @@ class ModelAdapter(ABC):
         states = None
         if unique is not None:  # encode each image once
             states = {}
-            for start in range(0, len(unique), size):
-                chunk = unique[start:start + size]
+            for rows in self.batches_by_length(["?"] * len(unique), size, [images[i] for i in unique]):
+                chunk = [unique[r] for r in rows]
                 prepared = self.prepare([images[i] for i in chunk], ["?"] * len(chunk))
                 for i, row in zip(chunk, self.encode_images(prepared, self.embed_images(prepared))):
                     states[i] = row
-        for index in self.batches_by_length(questions, size):
+        for index in self.batches_by_length(questions, size, [images[i] for i in image_index]):
             inputs = self.prepare([images[image_index[i]] for i in index], [questions[i] for i in index])
             if states is None:
                 logits = self.run_logits(Run(inputs))
@@ -350,7 +361,7 @@ class ModelAdapter(ABC):
             raise NoticeError(f"unknown answer scoring {scoring!r}: use one of {', '.join(ANSWER_SCORING)}")
         candidate_ids = [self.answer_token_ids(c) for c in candidates]
         scores = torch.empty(len(questions), len(candidates))
-        for index in self.batches_by_length(questions, self.answer_batch_size):
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
             context = self.answer_context(self.prepare([images[i] for i in index], [questions[i] for i in index]))
             for c, ids in enumerate(candidate_ids):
                 use = ids[:1] if scoring == "first_token" else ids
@@ -409,7 +420,7 @@ class ModelAdapter(ABC):
         """The scale of Gaussian-noise corruption: std of the token-embedding matrix (text, as in
         ROME's causal tracing) or of the given image's patch embeddings (vision, [CLS] excluded)."""
         if stream == "vision":
-            return float(embeddings[:, 1:].detach().float().std())
+            return float(embeddings[:, self.first_patch:].detach().float().std())
         return float(self.word_embeddings.weight.detach().float().std())
 
     # -------------------------------------------------------------------- runs
@@ -455,14 +466,14 @@ class ModelAdapter(ABC):
         if spec["stream"] == "text":
             if positions == "all":
                 positions = range(len(self.tokenizer(prompt)["input_ids"]))
-            return dict(spec, positions=self.prompt_positions(prompt, list(positions)))
+            return dict(spec, positions=self.prompt_positions(prompt, list(positions), run))
         rows, cols, _ = self.patch_grid
         if positions == "all":
-            positions = list(range(1, rows * cols + 1))
+            positions = list(range(self.first_patch, self.first_patch + rows * cols))
         elif positions == "object":
             if mask is None:
                 raise NoticeError("image noise on the 'object' needs the pair's clean_mask")
-            positions = mask_patch_positions(mask, (rows, cols))
+            positions = mask_patch_positions(mask, (rows, cols), self.first_patch)
         return dict(spec, positions=list(positions))
 
     @property
@@ -486,12 +497,13 @@ class ModelAdapter(ABC):
             return layer.get_submodule(where.heads[site.component]), "input"
         return layer.get_submodule(where.writes[site.component]), "output"
 
-    def edit_site(self, site: Site, edit: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    def edit_site(self, site: Site, edit: Callable[[torch.Tensor], torch.Tensor], run: Run) -> list:
         """Hooks (each with `.remove()`) that run `edit(tensor [B, P, W]) -> tensor` on a site's activation in
-        every forward: the hook point's, viewed as [B, P, W] where its module sees positions flattened."""
+        every forward of `run` (or of inputs shaped like it): the hook point's, an input's rows as one row
+        (see `stream_rows`), viewed as [B, P, W] where its module sees positions flattened."""
         module, kind = self.hook_point(site)
         if site.component not in self.stream_maps[site.stream].flat or site.head is not None:
-            return [edit_activation(module, kind, edit)]
+            return [edit_activation(module, kind, edit, self.stream_rows(site.stream, run))]
         batch: dict[str, int] = {}
 
         def remember(_module, args, kwargs):
@@ -507,6 +519,12 @@ class ModelAdapter(ABC):
         d = self.streams[site.stream].head_dim
         return slice(site.head * d, (site.head + 1) * d)
 
+    def stream_rows(self, stream: str, run: Run) -> int:
+        """How many rows of the model's batch one input of `run` fills in a stream's layers: 1, or an
+        image's tiles where a tower reads them as a batch (LLaVA-NeXT). The stream's positions then run
+        over those rows' positions in order, and hooks and traces see them as one row."""
+        return 1
+
     def traced_streams(self, streams: set[str]) -> set[str]:
         """The streams a trace must record for patches in `streams` (a family adds what its caches need)."""
         return set(streams)
@@ -521,20 +539,20 @@ class ModelAdapter(ABC):
         kept: dict[str, torch.Tensor] = {}
         handles = [keep_output(self.model.get_submodule(path), kept, name) for name, path in self.trace_outputs.items()]
         for stream in (s for s in self.streams if s in streams):
-            where, facts = self.stream_maps[stream], self.streams[stream]
+            where, facts, rows = self.stream_maps[stream], self.streams[stream], self.stream_rows(stream, run)
             for l in range(facts.layers):
                 store = acts.setdefault((stream, l), {})
                 layer = self.layer_module(stream, l)
                 if not where.single:
-                    handles.append(keep_input(layer, store, "x"))
-                handles.append(keep_output(layer, store, "layer"))
+                    handles.append(keep_input(layer, store, "x", rows))
+                handles.append(keep_output(layer, store, "layer", rows))
                 for component, path in where.writes.items():
                     if facts.has(component, l):
-                        handles.append(keep_output(layer.get_submodule(path), store, component,
+                        handles.append(keep_output(layer.get_submodule(path), store, component, rows,
                                                    flat=component in where.flat))
                 for component, path in where.heads.items():
                     if facts.has(component, l):
-                        handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z"))
+                        handles.append(keep_input(layer.get_submodule(path), store, f"{component}.z", rows))
         try:
             logits = self.run_logits(run)[0]
         finally:
@@ -639,36 +657,56 @@ def mask_patch_positions(mask: np.ndarray, grid: tuple[int, int], first_patch: i
     return [first_patch + int(i) for i in np.flatnonzero(touched.reshape(-1))]
 
 
-def keep_output(module: torch.nn.Module, store: dict, name: str, flat: bool = False):
-    """Keep a module's output (the first element of a tuple) of row 0 under `name` (`flat`: the whole
-    output, rows flattened with positions, for the caller to cut). Prepended, so it runs before a
-    model's own output-recording hooks (transformers 5 reads tower states through them)."""
+def first_input(activation: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """The first input's positions [P, W] of an activation as the model runs it: row 0 of [B, P, W];
+    the first `rows` rows of [B * rows, P', W] in order (a tower reading an image's tiles as rows, see
+    `stream_rows`); all of a packed [P, W] (Qwen2-VL's tower runs one image without a batch dimension)."""
+    if activation.dim() == 2:
+        return activation
+    return activation[:rows].reshape(-1, activation.shape[-1])
+
+
+def keep_output(module: torch.nn.Module, store: dict, name: str, rows: int = 1, flat: bool = False):
+    """Keep a module's output (the first element of a tuple) of the first input under `name` (see
+    `first_input`; `flat`: the whole output, rows flattened with positions, for the caller to cut).
+    Prepended, so it runs before a model's own output-recording hooks (transformers 5 reads tower
+    states through them)."""
     def hook(_module, _args, output):
         output = output[0] if isinstance(output, tuple) else output
-        store[name] = (output if flat else output[0]).detach()
+        store[name] = (output if flat else first_input(output, rows)).detach()
     return module.register_forward_hook(hook, prepend=True)
 
 
-def keep_input(module: torch.nn.Module, store: dict, name: str):
-    """Keep a module's first input (positional or `hidden_states=`) of row 0 under `name`."""
+def keep_input(module: torch.nn.Module, store: dict, name: str, rows: int = 1):
+    """Keep a module's first input (positional or `hidden_states=`) of the first input under `name`."""
     def hook(_module, args, kwargs):
-        store[name] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+        store[name] = first_input(args[0] if args else kwargs["hidden_states"], rows).detach()
     return module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
 
 
-def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor]):
-    """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward."""
+def edit_activation(module: torch.nn.Module, kind: str, edit: Callable[[torch.Tensor], torch.Tensor], rows: int = 1):
+    """Run `edit(tensor [B, P, W]) -> tensor` on a module's output, or on its first input, in every forward;
+    a module that reads each input as `rows` rows [B * rows, P', W] is edited as [B, rows * P', W], a
+    packed [P, W] as a batch of one (see `first_input`)."""
+    def folded(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 2:
+            return edit(tensor[None])[0]
+        if rows == 1:
+            return edit(tensor)
+        inputs, positions, width = tensor.shape[0] // rows, tensor.shape[1], tensor.shape[2]
+        return edit(tensor.reshape(inputs, rows * positions, width)).reshape(inputs * rows, positions, width)
+
     if kind == "input":
         def before(_module, args, kwargs):
             if args:
-                return (edit(args[0]),) + tuple(args[1:]), kwargs
-            return args, dict(kwargs, hidden_states=edit(kwargs["hidden_states"]))
+                return (folded(args[0]),) + tuple(args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=folded(kwargs["hidden_states"]))
         return module.register_forward_pre_hook(before, with_kwargs=True, prepend=True)
 
     def after(_module, _args, output):
         if isinstance(output, tuple):
-            return (edit(output[0]),) + tuple(output[1:])
-        return edit(output)
+            return (folded(output[0]),) + tuple(output[1:])
+        return folded(output)
     return module.register_forward_hook(after, prepend=True)
 
 

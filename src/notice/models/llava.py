@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from notice.errors import NoticeError
-from notice.models.base import StreamFacts, StreamMap, resolve_dtype
+from notice.models.base import Run, StreamFacts, StreamMap, resolve_dtype
 from notice.models.blocks import DecoderBlock, EncoderBlock
 from notice.models.image_tokens import ImageTokenAdapter
 
@@ -51,9 +51,6 @@ class LlavaAdapter(ImageTokenAdapter):
         super().__init__(model, processor, name)
         config = model.config
         vision, text = config.vision_config, config.text_config
-        if processor.chat_template is None:
-            raise NoticeError(f"model {name!r} has a processor without a chat template: save one with the processor "
-                              "(LLaVA prompts are built by the chat template)")
         lm_layer = self.lm.layers[0]
         for part in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"):
             if not hasattr(lm_layer, part):
@@ -66,6 +63,7 @@ class LlavaAdapter(ImageTokenAdapter):
         # hidden_states[k] is the output of layer k-1 (0 is the embeddings): later layers never reach the LM
         self.vision_layers_used = feature_layer % (vision.num_hidden_layers + 1)
         self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.kept_cls = 0 if self.drop_cls else self.first_patch  # a [CLS] the projector reads (one per image)
         self.grid = vision.image_size // vision.patch_size
         kv_heads = int(text.num_key_value_heads or text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
@@ -92,10 +90,14 @@ class LlavaAdapter(ImageTokenAdapter):
         return self.model.model.vision_tower
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                        name: str | None = None, load_in_4bit: bool = False, **options) -> "LlavaAdapter":
+    def model_class(cls):
         from transformers import LlavaForConditionalGeneration
 
+        return LlavaForConditionalGeneration
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                        name: str | None = None, load_in_4bit: bool = False, **options) -> "LlavaAdapter":
         if options:
             raise NoticeError(f"LLaVA loading takes no {', '.join(options)} option: drop it")
         torch_dtype = resolve_dtype(dtype)
@@ -103,9 +105,9 @@ class LlavaAdapter(ImageTokenAdapter):
         if load_in_4bit:
             kwargs["quantization_config"] = four_bit_config(torch_dtype)
             kwargs["device_map"] = {"": device}
-        model = LlavaForConditionalGeneration.from_pretrained(str(source), **kwargs)
+        model = cls.model_class().from_pretrained(str(source), **kwargs)
         if not load_in_4bit:  # 4-bit weights are placed by their device map
-            model = model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a decorated method
+            model = model.to(device)
         return cls(model, cls.load_processor(source), name or str(source))
 
     @classmethod
@@ -119,14 +121,13 @@ class LlavaAdapter(ImageTokenAdapter):
         return self.grid, self.grid, self.model.config.vision_config.patch_size
 
     def image_token_count(self) -> int:
-        return self.grid * self.grid + (0 if self.drop_cls else 1)
+        return self.grid * self.grid + self.kept_cls
 
-    def feature_labels(self) -> list[str]:
-        labels = super().feature_labels()
-        return labels if self.drop_cls else ["[CLS]"] + labels
+    def feature_labels(self, run: Run) -> list[str]:
+        return ["[CLS]"] * self.kept_cls + super().feature_labels(run)
 
     def grid_positions(self, image_positions: torch.Tensor) -> torch.Tensor:
-        return image_positions if self.drop_cls else image_positions[1:]
+        return image_positions[self.kept_cls:]
 
     # ------------------------------------------------------------------- tower
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -135,15 +136,19 @@ class LlavaAdapter(ImageTokenAdapter):
 
     def encode_image(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Through the tower's own layers up to the feature layer, then the projector: [B, I, D]."""
-        hidden = self.tower.pre_layrnorm(image_embeddings)
+        hidden = self.tower_input(image_embeddings)
         for layer in self.tower.encoder.layers[:self.vision_layers_used]:
             hidden = layer(hidden, None)
         return self.project(hidden)
 
+    def tower_input(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """What the tower's first layer reads: CLIP normalizes its embeddings first."""
+        return self.tower.pre_layrnorm(image_embeddings)
+
     def project(self, vision_states: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(vision_states[:, 1:] if self.drop_cls else vision_states)
 
-    def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict) -> torch.Tensor:
         for block in self.blocks["vision"][layer + 1:]:
             hidden = block.forward(hidden)
         return self.project(hidden)

@@ -197,7 +197,7 @@ class MllamaAdapter(ModelAdapter):
             raise ValueError("prompts of one batch must have the same token length; use batches_by_length")
         return encoded.to(self.device).to(self.dtype)  # floats only: ids and masks stay integers
 
-    def prompt_positions(self, question: str, positions: Sequence[int]) -> list[int]:
+    def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (special tokens included) in the full prompt, matched
         by the characters they cover."""
         alone = self.tokenizer(question, return_offsets_mapping=True)["offset_mapping"]
@@ -434,11 +434,11 @@ class MllamaAdapter(ModelAdapter):
         if stream == "vision":
             kept[layer] = hidden
             for l in range(layer + 1, self.streams["vision"].layers):
-                hidden = kept[l] = self.blocks["vision"][l].forward(hidden, mask)
+                hidden = kept[l] = self.blocks["vision"][l].forward(hidden, mask=mask)
             hidden = self.global_input(hidden, receiving.cache["aspect_ratio_ids"].expand(cells, -1))
             layer = -1
         for block in self.blocks["vision_global"][layer + 1:]:
-            hidden = block.forward(hidden, mask)
+            hidden = block.forward(hidden, mask=mask)
         return self.image_states(hidden, [kept[l] for l in self.kept])
 
     def run_lm_from(self, receiving: Trace, entering: dict[int, torch.Tensor], start: int,
@@ -470,7 +470,7 @@ class MllamaAdapter(ModelAdapter):
         the prompt (causal, rotary), its cross-attention heads the image states (the model's mask)."""
         block, x = self.blocks[stream][layer], trace.acts[(stream, layer)]["x"]
         if isinstance(block, EncoderBlock):
-            return block.attention_inputs(x, trace.cache["tower_mask"] == 0)
+            return block.attention_inputs(x, mask=trace.cache["tower_mask"] == 0)
         if isinstance(block, GatedCrossBlock):
             return block.cross_inputs(x, trace.cache["image_states"], trace.cache["cross_mask"])
         count = trace.num_positions["lm"]

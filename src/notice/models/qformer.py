@@ -30,7 +30,7 @@ from notice.models.blip import STREAM_MAPS as BLIP_MAPS
 from notice.models.blip import vit_block
 from notice.models.blocks import CrossAttention, DecoderBlock, QFormerBlock
 from notice.models.blocks.attention import AttentionInputs
-from notice.models.image_tokens import ImageTokenAdapter
+from notice.models.image_tokens import ImageTokenAdapter, Prompt
 from notice.models.llava import llama_block
 
 # the language models notice runs: config model_type → (class, path of the decoder, stream map)
@@ -87,6 +87,7 @@ class QFormerAdapter(ImageTokenAdapter):
     processor_class: ClassVar[str]
     prompt_format: ClassVar[str]  # the question in the prompt both the LM and (InstructBLIP) the Q-Former read
     reads_instruction: ClassVar[bool] = False  # the Q-Former reads the prompt beside its query tokens
+    chat_prompts = False  # prompts are the paper's VQA format, not a chat template
 
     def __init__(self, model, processor, name: str):
         super().__init__(model, processor, name)
@@ -200,7 +201,7 @@ class QFormerAdapter(ImageTokenAdapter):
     def image_token_count(self) -> int:
         return self.queries
 
-    def feature_labels(self) -> list[str]:
+    def feature_labels(self, run: Run | None = None) -> list[str]:
         return [f"query {i}" for i in range(self.queries)]
 
     @property
@@ -245,11 +246,11 @@ class QFormerAdapter(ImageTokenAdapter):
     def logits_from_states(self, inputs, image_states: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
         return super().logits_from_states(inputs, self.features(inputs, image_states), token_embeddings)
 
-    def answer_context(self, inputs) -> torch.Tensor:
-        features = self.features(inputs, self.encode_image(self.embed_image(inputs.pixel_values)))
-        return self.merge(inputs.input_ids, self.embed_tokens(inputs.input_ids), features)
+    def answer_context(self, inputs) -> Prompt:
+        features = self.features(inputs, self.encode_images(inputs, self.embed_images(inputs)))
+        return self.lm_prompt(inputs, self.embed_tokens(inputs.input_ids), features)
 
-    def vision_rerun(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    def vision_rerun(self, hidden: torch.Tensor, layer: int, cache: dict | None = None) -> torch.Tensor:
         """The image states [N, 1+P, Dv] the Q-Former reads, from the vision stream's rows after `layer`."""
         for block in self.blocks["vision"][layer + 1:]:
             hidden = block.forward(hidden)
@@ -301,7 +302,7 @@ class QFormerAdapter(ImageTokenAdapter):
         assert all((b.stream, b.layer) == (stream, layer) for b in batches), "one stream and layer per call"
         if stream == "vision":
             hidden = torch.cat([self.patched_layer(receiving, source, b) for b in batches])
-            memory: Any = self.qformer_memory(self.vision_rerun(hidden, layer))  # per cell
+            memory: Any = self.qformer_memory(self.vision_rerun(hidden, layer, receiving.cache))  # per cell
             hidden, start = receiving.cache["qformer_input"].expand(hidden.shape[0], -1, -1), 0
         else:
             memory = receiving.cache["qformer_kv"]
@@ -387,12 +388,12 @@ class InstructBlipAdapter(QFormerAdapter):
         return self.model.qformer(input_ids=inputs.qformer_input_ids, attention_mask=mask, query_embeds=queries,
                                   encoder_hidden_states=image_states, encoder_attention_mask=memory_mask).last_hidden_state
 
-    def edit_site(self, site: Site, edit: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    def edit_site(self, site: Site, edit: Callable[[torch.Tensor], torch.Tensor], run: Run) -> list:
         """The Q-Former's `mlp` is two modules' writes, the query FFN's rows then the text FFN's: `edit` sees
         both at once, at the query FFN's hook (the text FFN's write is computed there from its input, as the
         model is about to), and the text FFN's output is replaced by the edited rows."""
         if site.stream != "qformer" or site.component != "mlp":
-            return super().edit_site(site, edit)
+            return super().edit_site(site, edit, run)
         layer: Any = self.layer_module(site.stream, site.layer)
         q, held = self.queries, {}
 

@@ -115,8 +115,9 @@ def _gradients(adapter: ModelAdapter, receiving: Run, cells: dict[str, Site], co
             def anchor(t: torch.Tensor, name: str = name) -> torch.Tensor:
                 kept[name] = t = t + torch.zeros((), dtype=t.dtype, device=t.device, requires_grad=True)
                 return t
-            # the site's activation as [B, P, W] as `record` reads it (flattened rows, writes split over modules)
-            for hook in adapter.edit_site(site, anchor):
+            # the site's activation as [B, P, W] as `record` reads it (an input's rows as one row, flattened
+            # rows, writes split over modules)
+            for hook in adapter.edit_site(site, anchor, receiving):
                 stack.callback(hook.remove)
         for stream, layer in (d for d in drops if d is not None):
             for component, path in adapter.stream_maps[stream].writes.items():

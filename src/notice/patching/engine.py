@@ -194,8 +194,11 @@ def run_cells(adapter: ModelAdapter, cells: Sequence[Site], receiving: Trace, so
 
 
 def count_cells(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[str]) -> list[int]:
-    """Cells per pair (the site patterns expand over each input's own positions)."""
-    return [len(expand_sites(sites, adapter.streams, adapter.num_positions(clean_run(adapter, p)))) for p in pairs]
+    """Cells per pair (the site patterns expand over each input's own positions). Checks every pair's
+    prompts against the model first, then builds both runs of every pair, so a pair the model cannot
+    run (prompts too long or of two lengths, images of two grids) is named before any result is written."""
+    prompts_fit(adapter, pairs)
+    return [len(expand_sites(sites, adapter.streams, adapter.num_positions(pair_runs(adapter, p)[0]))) for p in pairs]
 
 
 def example_run(adapter: ModelAdapter) -> Run:
@@ -230,13 +233,12 @@ def patch_pairs(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[st
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
         raise NoticeError(f"pair id {duplicate!r} occurs more than once: pair ids must be unique")
-    prompts_fit(adapter, pairs)  # every pair readable before the first shard is written
+    counts = count_cells(adapter, pairs, sites)  # every pair readable before the first shard is written
     model_name = model_name or adapter.name
     store = ResultStore(out, {"model": model_name, "sites": list(sites), "direction": direction,
                               "dtype": dtype or str(adapter.dtype).replace("torch.", ""),
                               "answer_scoring": "first_token", "method": method, "verify_top": verify_top,
                               **(provenance or {})})
-    counts = count_cells(adapter, pairs, sites)
     summary = {"pairs": len(pairs), "done": 0, "skipped": 0, "cells": sum(counts)}
     for pair, count in zip(pairs, counts):
         if store.done(pair.id):

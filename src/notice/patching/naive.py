@@ -23,9 +23,10 @@ def _rows(site: Site) -> slice:
 
 
 @contextmanager
-def hooked(adapter: ModelAdapter, site: Site, edit) -> Iterator[None]:
-    """Run `edit(tensor [B, P, W]) -> tensor` on the site's activation during forwards in this block."""
-    handles = adapter.edit_site(site, edit)
+def hooked(adapter: ModelAdapter, site: Site, edit, run: Run) -> Iterator[None]:
+    """Run `edit(tensor [B, P, W]) -> tensor` on the site's activation during forwards of `run` (or of
+    inputs shaped like it) in this block."""
+    handles = adapter.edit_site(site, edit, run)
     try:
         yield
     finally:
@@ -43,7 +44,7 @@ def record(adapter: ModelAdapter, run: Run, sites: Sequence[Site], logits: list 
             def keep(t: torch.Tensor, name: str = name) -> torch.Tensor:
                 out[name] = t[0].clone()
                 return t
-            stack.enter_context(hooked(adapter, site, keep))
+            stack.enter_context(hooked(adapter, site, keep, run))
         answer = adapter.run_logits(run)[0]
     if logits is not None:
         logits.append(answer)
@@ -60,7 +61,7 @@ def patched_logits(adapter: ModelAdapter, receiving: Run, site: Site, value: tor
         t[:, rows, columns] = value[rows, columns]
         return t
 
-    with hooked(adapter, site, patch):
+    with hooked(adapter, site, patch, receiving):
         return adapter.run_logits(receiving)
 
 

@@ -1,10 +1,15 @@
-"""Figures of the report: heatmaps (PNG, PDF, interactive) and attention overlays."""
+"""Figures of the report: grids of heatmaps (interactive, and PNG/PDF files) and attention overlays.
+
+A grid's rows share one colour scale and its columns are conditions: the same component under SMP and
+under its Gaussian-noise baseline is read on one scale. Rows whose effects differ by orders of
+magnitude (a layer's output against its self-attention) each get their own colour bar, labelled.
+"""
 
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -12,35 +17,113 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from notice.io import atomic_path  # noqa: E402
 
-DIVERGING = "RdBu_r"
+DIVERGING, SEQUENTIAL = "RdBu_r", "Reds"
+CELL_PX, MAX_WIDTH_PX = 44, 1100  # interactive cells: width of one column; wider grids fill the page
+TITLE_PX = 48  # a colour bar's three-line title
 
 
-def _symmetric_norm(values: np.ndarray) -> TwoSlopeNorm:
-    bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
-    bound = bound or 1.0
-    return TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
+@dataclass
+class Panel:
+    """One heatmap of a grid: layers (index) × positions or heads (columns)."""
+
+    values: pd.DataFrame
+    xlabels: list[str]
+    title: str
+    hover: dict[str, pd.DataFrame] = field(default_factory=dict)  # more values per cell, same shape
 
 
-def heatmap(mean: pd.DataFrame, title: str, xlabel: str, xticklabels: Sequence[str], out_stem: Path,
-            colorbar_label: str = "normalized effect") -> list[Path]:
-    """A layer × (position or head) heatmap, centred at zero, saved as PNG and PDF."""
-    values = mean.to_numpy(dtype=float)
-    width = max(4.0, 0.45 * values.shape[1] + 2.0)
-    height = max(3.0, 0.35 * values.shape[0] + 1.5)
-    fig, ax = plt.subplots(figsize=(width, height))
-    image = ax.imshow(values, cmap=DIVERGING, norm=_symmetric_norm(values), aspect="auto", origin="lower")
-    ax.set_xticks(range(values.shape[1]), list(xticklabels), rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(values.shape[0]), [str(i) for i in mean.index], fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("layer")
-    ax.set_title(textwrap.fill(title, width=max(30, int(width * 9))), fontsize=9)
-    fig.colorbar(image, ax=ax, label=colorbar_label)
-    fig.tight_layout()
+@dataclass
+class Grid:
+    """Rows of panels sharing a colour scale per row; a None panel leaves its place empty."""
+
+    title: str
+    rows: list[list[Panel | None]]
+    row_titles: list[str]
+    xlabel: str  # under the last row; "" for none (token labels speak for themselves)
+    colorbar: str
+    diverging: bool = True  # centred at zero; else from zero up (magnitudes)
+
+    def columns(self) -> int:
+        return max(len(row) for row in self.rows)
+
+    def heights(self) -> list[int]:
+        """Layers per row."""
+        return [max((len(p.values.index) for p in row if p is not None), default=1) for row in self.rows]
+
+    def column_panels(self, column: int) -> list[Panel]:
+        return [panel for row in self.rows if column < len(row) and (panel := row[column]) is not None]
+
+    def column_title(self, column: int) -> str:
+        panels = self.column_panels(column)
+        return panels[0].title if panels else ""
+
+    def column_labels(self, column: int) -> list[str]:
+        """A column's x labels (its rows show one condition: the same tokens or heads)."""
+        panels = self.column_panels(column)
+        return max((p.xlabels for p in panels), key=len) if panels else []
+
+    def longest_label(self) -> int:
+        return max((len(label) for c in range(self.columns()) for label in self.column_labels(c)), default=1)
+
+    def bound(self, row: int) -> float:
+        """The largest |value| of a row: its colour scale runs to ± this (or 0 to this)."""
+        values = [np.abs(p.values.to_numpy(dtype=float)) for p in self.rows[row] if p is not None]
+        finite = [v[np.isfinite(v)] for v in values]
+        largest = max((float(v.max()) for v in finite if v.size), default=0.0)
+        return largest or 1.0
+
+
+def _norm(grid: Grid, row: int) -> Normalize:
+    bound = grid.bound(row)
+    return TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound) if grid.diverging else Normalize(0.0, bound)
+
+
+def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
+    """The grid as PNG and PDF, sized to its cells (long prompts give wide figures, never squeezed).
+
+    Axes are placed by hand, in inches: matplotlib's automatic layouts measure every label and cost
+    seconds per figure."""
+    columns = grid.columns()
+    widths = [0.26 * max(len(grid.column_labels(c)), 1) + 0.4 for c in range(columns)]
+    heights = [0.26 * h + 0.2 for h in grid.heights()]
+    left, gap, bar, right, top, above = 1.1, 0.45, 0.15, 0.8, 0.75, 0.15
+    below = 0.35 + 0.065 * min(grid.longest_label(), 24)  # rotated tick labels under the last row
+    width = left + sum(widths) + gap * (columns - 1) + 0.25 + bar + right
+    height = top + sum(heights) + above * (len(heights) - 1) + below
+    fig = plt.figure(figsize=(width, height))
+    y = height - top
+    for r, row in enumerate(grid.rows):
+        y -= heights[r]
+        norm, image, x = _norm(grid, r), None, left
+        for c in range(columns):
+            panel = row[c] if c < len(row) else None
+            if panel is not None:
+                ax = fig.add_axes((x / width, y / height, widths[c] / width, heights[r] / height))
+                values = panel.values.to_numpy(dtype=float)
+                image = ax.imshow(values, cmap=DIVERGING if grid.diverging else SEQUENTIAL, norm=norm, aspect="auto",
+                                  origin="lower", interpolation="nearest")
+                last = r == len(grid.rows) - 1
+                ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels] if last else [],
+                              rotation=90, fontsize=7)
+                ax.set_yticks(range(values.shape[0]), [str(i) for i in panel.values.index], fontsize=7)
+                if last and grid.xlabel:
+                    ax.set_xlabel(grid.xlabel, fontsize=8)
+                if r == 0:
+                    ax.set_title(textwrap.fill(panel.title, int(widths[c] * 13) + 8), fontsize=8)
+                if c == 0:
+                    ax.set_ylabel(f"{grid.row_titles[r]}\nlayer", fontsize=8)
+            x += widths[c] + gap
+        if image is not None:
+            cax = fig.add_axes(((x - gap + 0.25) / width, y / height, bar / width, heights[r] / height))
+            fig.colorbar(image, cax=cax).set_label(grid.colorbar if len(grid.rows) == 1 else "", fontsize=7)
+            cax.tick_params(labelsize=7)
+        y -= above
+    fig.suptitle(textwrap.fill(grid.title, int(width * 12)), fontsize=10, y=1 - 0.1 / height, va="top")
     written = []
     for suffix in (".png", ".pdf"):
         target = out_stem.with_suffix(suffix)
@@ -51,37 +134,79 @@ def heatmap(mean: pd.DataFrame, title: str, xlabel: str, xticklabels: Sequence[s
     return written
 
 
-def interactive_heatmap(views: dict[str, pd.DataFrame], title: str, xlabel: str, xticklabels: Sequence[str],
-                        element_id: str) -> str:
-    """A plotly heatmap as an HTML <div>; hovering shows the mean, the sample count and the spread.
-
-    The plotly library itself is bundled beside the report (no network)."""
+def interactive_grid(grid: Grid, element_id: str) -> str:
+    """The grid as one plotly figure (an HTML <div>); hovering a cell shows its value and the panel's
+    extra values (interval, samples). The plotly library itself is bundled beside the report."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
-    mean, std, count = views["mean"], views["std"], views["count"]
-    custom = np.dstack([count.to_numpy(dtype=float), std.to_numpy(dtype=float)])
-    bound = float(np.nanmax(np.abs(mean.to_numpy(dtype=float)))) or 1.0
-    figure = go.Figure(go.Heatmap(
-        z=mean.to_numpy(dtype=float), x=list(xticklabels), y=[f"layer {i}" for i in mean.index],
-        customdata=custom, colorscale="RdBu", reversescale=True, zmid=0, zmin=-bound, zmax=bound,
-        hovertemplate="%{y}, %{x}<br>mean %{z:.3f}<br>samples %{customdata[0]:.0f}<br>std %{customdata[1]:.3f}"
-                      "<extra></extra>"))
-    figure.update_layout(title=title, xaxis_title=xlabel, margin=dict(l=60, r=20, t=50, b=80), height=420)
+    columns, heights = grid.columns(), [24 * h for h in grid.heights()]
+    angle = -45 if grid.longest_label() > 3 else 0  # token labels slanted, head numbers level
+    gap, top, bottom = 30, 90 if len(grid.rows) == 1 else 70, 30 + 5 * min(grid.longest_label(), 24)
+    height = sum(heights) + gap * (len(heights) - 1)
+    left, right = 80, 90
+    # narrow grids (a few heads) keep square-ish cells rather than stretching over the page; a panel
+    # is never narrower than its title
+    natural = left + right + sum(max(CELL_PX * len(grid.column_labels(c)), 240) for c in range(columns)) \
+        + 40 * (columns - 1)
+    figure = make_subplots(rows=len(grid.rows), cols=columns, row_heights=heights, horizontal_spacing=0.05,
+                           subplot_titles=[textwrap.fill(grid.column_title(c), 36).replace("\n", "<br>")
+                                           for c in range(columns)]
+                           + [""] * columns * (len(grid.rows) - 1),
+                           vertical_spacing=gap / height if len(heights) > 1 else 0.0)
+    titled = len(grid.rows) == 1  # several rows' bars would crowd their titles: the caption names them
+    for r, row in enumerate(grid.rows):
+        axis = f"coloraxis{r + 1 if r else ''}"
+        for c, panel in enumerate(row):
+            if panel is None:
+                continue
+            hover_names = list(panel.hover)
+            custom = np.dstack([panel.hover[n].to_numpy(dtype=float) for n in hover_names]) if hover_names else None
+            extra = "".join(f"<br>{name} %{{customdata[{i}]:.3g}}" for i, name in enumerate(hover_names))
+            figure.add_trace(go.Heatmap(
+                z=panel.values.to_numpy(dtype=float), x=list(range(len(panel.xlabels))),
+                y=[str(i) for i in panel.values.index], customdata=custom, coloraxis=axis,
+                text=[list(panel.xlabels)] * len(panel.values.index),
+                hovertemplate=f"{grid.row_titles[r]}, layer %{{y}}, %{{text}}<br>{grid.colorbar} %{{z:.3g}}{extra}"
+                              "<extra></extra>"), row=r + 1, col=c + 1)
+            figure.update_xaxes(tickvals=list(range(len(panel.xlabels))), ticktext=list(panel.xlabels),
+                                showticklabels=r == len(grid.rows) - 1, tickfont_size=10, tickangle=angle,
+                                row=r + 1, col=c + 1,
+                                title_text=grid.xlabel if r == len(grid.rows) - 1 and grid.xlabel else None)
+            figure.update_yaxes(title_text=f"{grid.row_titles[r]}<br>layer" if c == 0 else None, title_font_size=11,
+                                row=r + 1, col=c + 1)
+        domain = figure.get_subplot(r + 1, 1).yaxis.domain
+        bound = grid.bound(r)
+        figure.update_layout({axis: dict(
+            colorscale="RdBu" if grid.diverging else "Reds", reversescale=grid.diverging,
+            cmin=-bound if grid.diverging else 0.0, cmax=bound, cmid=0.0 if grid.diverging else None,
+            # the bar as tall as its row, from the row's bottom; a title (one row only) sits above it, in the margin
+            colorbar=dict(y=domain[0], yanchor="bottom", len=heights[r] + (TITLE_PX if titled else 0),
+                          lenmode="pixels", thickness=12, tickfont_size=10, exponentformat="e",  # 1e-4, not "100µ"
+                          title=dict(text=grid.colorbar.replace(" ", "<br>") if titled else "", side="top",
+                                     font_size=10)))})
+    figure.update_annotations(font_size=12)
+    figure.update_layout(margin=dict(l=left, r=right, t=top, b=bottom), showlegend=False,
+                         height=height + top + bottom, width=natural if natural < MAX_WIDTH_PX else None)
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=element_id)
 
 
-def attention_overlay(image: Image.Image, relative: np.ndarray, title: str, target: Path) -> Path:
-    """A head's attention minus the average head's, over the image, diverging colours centred at zero."""
-    fig, axes = plt.subplots(1, 2, figsize=(5.2, 2.6))
+def attention_overlay(image: Image.Image, relative: np.ndarray, target: Path, head: str, question: str,
+                      answer: str, image_kind: str = "clean") -> Path:
+    """A head's attention minus the average head's over the image it read, diverging colours centred
+    at zero, titled with the image, question, answer and head."""
+    fig, axes = plt.subplots(1, 2, figsize=(5.2, 3.0))
     axes[0].imshow(image)
-    axes[0].set_title("image", fontsize=8)
+    axes[0].set_title(f"{image_kind} image", fontsize=8)
     axes[1].imshow(image)
-    shown = axes[1].imshow(relative, cmap=DIVERGING, norm=_symmetric_norm(relative), alpha=0.6,
-                           extent=(0, image.width, image.height, 0), interpolation="nearest")
-    axes[1].set_title(title, fontsize=8)
+    bound = float(np.nanmax(np.abs(relative))) or 1.0
+    shown = axes[1].imshow(relative, cmap=DIVERGING, norm=TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound),
+                           alpha=0.6, extent=(0, image.width, image.height, 0), interpolation="nearest")
+    axes[1].set_title(f"{head} minus average head", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(textwrap.fill(f"Q: {question}  A: {answer}", 60), fontsize=8)
     fig.tight_layout()
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

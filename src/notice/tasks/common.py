@@ -43,6 +43,8 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     str_both_candidates: Mapping[str, Sequence[str]] = field(default_factory=dict)  # option word → contrast words
     noise_positions: str = "all"  # image noise: "all" patches, or "object" where a mask is known
+    # (asserting, negated) yes/no prompts naming an attribute value ("is a {} shape present?"), where the task has them
+    yes_no: tuple[str, str] | None = None
 
     @property
     def correct_first(self) -> bool:
@@ -114,6 +116,8 @@ def derive_pairs(sample: Sample, tokenizer, corruptions: Sequence[str], seed: in
                 out.append(Pair(id=f"{sample.id}/{corruption}", corruption=corruption,
                                 corrupt_image=sample.clean_image, corrupt_prompt=swap.pop("prompt"),
                                 metadata=dict(base, str=swap), **common))
+    if "text_str_yesno" in corruptions:
+        out += _yes_no_pair(sample, tokenizer, seed, report, base)
     noise_seed = stable_seed(seed, sample.id + "/noise")
     if "image_noise" in corruptions:
         meta = dict(base, noise=noise_spec("vision", sample.noise_positions, noise_seed))
@@ -140,18 +144,50 @@ def _str_swap(sample: Sample, tokenizer, corruption: str, seed: int, report: Bui
         words = [sample.correct, sample.incorrect]
         pools = [sample.str_both_candidates.get(word, ()) for word in words]
     key = "/str" if corruption == "text_str" else "/str_both"
-    swap, rejected = replace_words(tokenizer, sample.prompt, [answer_span(sample.prompt, w) for w in words], pools,
-                                   random.Random(stable_seed(seed, sample.id + key)))
+    return _swap_words(tokenizer, corruption, sample.prompt, [answer_span(sample.prompt, w) for w in words], pools,
+                       random.Random(stable_seed(seed, sample.id + key)), report)
+
+
+def _swap_words(tokenizer, corruption: str, prompt: str, spans: list[tuple[int, int]], pools: list[Sequence[str]],
+                rng: random.Random, report: BuildReport) -> dict[str, Any] | None:
+    """Swap the words at `spans` for aligned words of their pools; the corrupt prompt and STR metadata, or
+    None (counted under `corruption`) when no swap aligns."""
+    swap, rejected = replace_words(tokenizer, prompt, spans, pools, rng)
     report.str_rejected[corruption] += rejected
     if swap is None:
-        reason = ("no contrast word of equal token length" if corruption == "text_str" else
-                  "no two different contrast words of the options' token lengths")
+        reason = ("no two different contrast words of the options' token lengths" if len(spans) > 1 else
+                  "no contrast word of equal token length")
         report.skipped[f"{corruption}: {reason}"] += 1
         return None
-    one = len(words) == 1  # the one-word form keeps plain strings, as before
+    one = len(spans) == 1  # the one-word form keeps plain strings, as before
     return {"prompt": swap.prompt, "form": "one" if one else "both", "positions": swap.positions,
             "replaced": swap.replaced[0] if one else swap.replaced,
             "replacement": swap.replacement[0] if one else swap.replacement, "rejected": rejected}
+
+
+def _yes_no_pair(sample: Sample, tokenizer, seed: int, report: BuildReport, base: dict[str, Any]) -> list[Pair]:
+    """STR on a yes/no question about the clean image's own attribute value: "is a red shape present?"
+    (yes) against "is a blue shape present?" (no), or the negated form with the answers swapped. The
+    clean image decides the answer of both prompts, so the word swap flips a model that compares them.
+    Asserting or negated is a seeded choice per sample; selection balances the two."""
+    if sample.yes_no is None:
+        report.skipped["text_str_yesno: the task has no yes/no question form"] += 1
+        return []
+    rng = random.Random(stable_seed(seed, sample.id + "/yesno"))
+    negated = rng.random() < 0.5
+    prompt = sample.yes_no[negated].format(sample.correct)
+    swap = _swap_words(tokenizer, "text_str_yesno", prompt, [word_span(prompt, sample.correct)],
+                       [[w for w in sample.str_candidates if w != sample.correct]], rng, report)
+    if swap is None:
+        return []
+    correct, incorrect = ("no", "yes") if negated else ("yes", "no")
+    corrupt_prompt = swap.pop("prompt")
+    meta = {k: v for k, v in base.items() if k != "correct_first"}  # no options: the polarity is balanced instead
+    meta.update(negated=negated, str=dict(swap, form="yes/no"),
+                answer_tokens=answer_token_record(tokenizer, prompt, None, correct))
+    return [Pair(id=f"{sample.id}/text_str_yesno", task=sample.task, corruption="text_str_yesno",
+                 clean_image=sample.clean_image, corrupt_image=sample.clean_image, clean_prompt=prompt,
+                 corrupt_prompt=corrupt_prompt, correct=correct, incorrect=incorrect, metadata=meta)]
 
 
 def answer_token_record(tokenizer, prompt: str, span: tuple[int, int] | None, answer: str) -> dict[str, Any]:

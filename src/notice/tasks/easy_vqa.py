@@ -40,6 +40,18 @@ SHAPE_CHOICE = "is this a {a} or a {b}?"
 
 QUESTION_KINDS = ("yes/no", "color", "shape", "choice")
 
+# easy-VQA's own yes/no forms about a colour, asserting and negated (answer "yes" when the
+# named colour is shown, and "no" for the negated form).
+COLOR_YES_NO = {"asserting": ("is there a {} shape?", "is there a {} shape in the image?",
+                              "does the image contain a {} shape?", "is a {} shape present?"),
+                "negated": ("is there not a {} shape?", "is there not a {} shape in the image?",
+                            "does the image not contain a {} shape?", "is no {} shape present?")}
+# The (asserting, negated) yes/no prompts of the yes/no STR pairs, easy-VQA's own forms: one word names the
+# colour or shape, and both forms have one length, so every prompt of a condition lines up position by position.
+YES_NO_FORMS = {"color": ("is a {} shape present?", "is no {} shape present?"),
+                "shape": ("is a {} present?", "is no {} present?")}
+_COLOR_RE = re.compile(rf"\b({'|'.join(PALETTE)})\b")
+
 
 @dataclass(frozen=True)
 class Question:
@@ -76,6 +88,22 @@ def question_kind(question: str, answer: str) -> str:
     if answer in SHAPES:
         return "shape"
     raise ValueError(f"unknown easy-VQA answer {answer!r} for question {question!r}")
+
+
+def is_negated(question: str) -> bool:
+    """Whether a yes/no question asks for absence ("is there not a ...", "is no ... present?")."""
+    return " not " in question or question.startswith("is no ")
+
+
+def shown_color_form(question: Question, shown: str) -> str | None:
+    """"asserting" or "negated" for a yes/no question that names the image's own colour, else None.
+
+    These are the yes/no questions whose answer depends on comparing the named and the shown
+    colour; easy-VQA asks about a random one of eight colours, so they are one in eight."""
+    match = _COLOR_RE.search(question.question)
+    if question.kind != "yes/no" or match is None or match.group(1) != shown:
+        return None
+    return "negated" if is_negated(question.question) else "asserting"
 
 
 @lru_cache(maxsize=4)
@@ -158,8 +186,7 @@ def _shape_from_questions(questions: list[Question]) -> str | None:
             continue
         if q.kind != "yes/no":  # "what color is the triangle?" names the shape
             return match.group(1)
-        negated = " not " in q.question or q.question.startswith("is no ")
-        says_present = (q.answer == "yes") != negated
+        says_present = (q.answer == "yes") != is_negated(q.question)
         (present if says_present else absent).add(match.group(1))
     if present:
         return next(iter(present))
@@ -168,18 +195,24 @@ def _shape_from_questions(questions: list[Question]) -> str | None:
 
 
 @lru_cache(maxsize=4)
+def image_colors(split: str, data: Path | None = None) -> dict[int, str]:
+    """The colour of every image of `split`, read from its pixels."""
+    return {image_id: pixel_color(np.asarray(Image.open(path).convert("RGB")))
+            for image_id, path in image_paths(split, data).items()}
+
+
+@lru_cache(maxsize=4)
 def image_labels(split: str, data: Path | None = None) -> dict[int, ImageLabel]:
     """Colour and shape of every image of `split` whose shape the questions determine."""
     by_image: dict[int, list[Question]] = {}
     for q in load_questions(split, data):
         by_image.setdefault(q.image_id, []).append(q)
+    colors = image_colors(split, data)
     labels = {}
     for image_id, path in image_paths(split, data).items():
         shape = _shape_from_questions(by_image.get(image_id, []))
-        if shape is None:
-            continue
-        color = pixel_color(np.asarray(Image.open(path).convert("RGB")))
-        labels[image_id] = ImageLabel(image_id, path, color, shape)
+        if shape is not None:
+            labels[image_id] = ImageLabel(image_id, path, colors[image_id], shape)
     return labels
 
 
@@ -196,6 +229,21 @@ def choice_questions(labels: dict[int, ImageLabel], per_kind: int, seed: int) ->
             other = rng.choice([s for s in SHAPES if s != label.shape])
             a, b = (label.shape, other) if rng.random() < 0.5 else (other, label.shape)
             out.append(Question(SHAPE_CHOICE.format(a=a, b=b), label.shape, image_id, "choice"))
+    return out
+
+
+def shown_color_questions(colors: dict[int, str], per_image: int, seed: int) -> list[Question]:
+    """Yes/no questions naming each image's own colour in easy-VQA's forms, asserting and negated
+    in turn from a seeded start: as many "yes" as "no" answers, all of them decided by the comparison."""
+    rng = random.Random(seed)
+    out = []
+    for image_id in sorted(colors):
+        negated = rng.random() < 0.5
+        for _ in range(per_image):
+            form = "negated" if negated else "asserting"
+            question = rng.choice(COLOR_YES_NO[form]).format(colors[image_id])
+            out.append(Question(question, "no" if negated else "yes", image_id, "yes/no"))
+            negated = not negated
     return out
 
 
@@ -270,5 +318,5 @@ def smp_samples(kind: str, split: str, data: Path | None, files, seed: int, limi
                 id=f"{task}-{stem}-{direction}", task=task, clean_image=clean, corrupt_image=other, prompt=prompt,
                 correct=right, incorrect=wrong, category=right, str_candidates=vocabulary,
                 metadata=dict(meta, direction=direction, clean_mask=str(mask), corrupt_mask=str(other_mask)),
-                noise_positions="object", str_both_candidates={a: pool, b: pool}))
+                noise_positions="object", str_both_candidates={a: pool, b: pool}, yes_no=YES_NO_FORMS[kind]))
     return samples

@@ -3,12 +3,15 @@
 Two stages, both seeded:
   1. the vision encoder learns colour and shape as image classification (linear probes
      on the mean patch state and on every patch, thrown away afterwards): shapes are the
-     slow part of easy-VQA for a ViT trained from scratch, per-patch targets (background
-     or the shape covering the patch) teach them several times faster, and this stage is cheap;
-  2. the whole model learns to answer easy-VQA's questions plus two-way choice
-     questions ("is the shape red or blue?"), with each image's vision pass shared
-     by its questions.
-Images are augmented by horizontal flips, which keep colour and shape.
+     slow part of easy-VQA for a ViT trained from scratch, per-patch targets (background,
+     or the colour and the shape covering the patch) teach them several times faster, and
+     this stage is cheap;
+  2. the whole model learns to answer easy-VQA's questions plus two-way choice questions
+     ("is the shape red or blue?") and yes/no questions naming each image's own colour, with
+     each image's vision pass shared by its questions; a probe thrown away afterwards learns
+     whether the colour or shape a yes/no question names is shown (`presence_loss`).
+Images are augmented by horizontal flips, which keep colour and shape, and optionally by
+translations (`max_shift`).
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ class Recipe:
     heads: int = 4
     mlp: int = 512
     choice_per_kind: int = 2  # two-way colour and shape questions per image
+    shown_color_per_image: int = 2  # yes/no questions naming the image's own colour, per image
+    presence_weight: float = 0.5  # stage 2's auxiliary target: is the colour or shape a yes/no question names shown?
+    max_shift: int = 0  # random translation of the images, in pixels (both stages)
     stage1_epochs: int = 12
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 10
+    stage2_epochs: int = 6
     images_per_step: int = 32
     questions_per_image: int = 8
     stage2_lr: float = 1e-3
@@ -100,11 +106,29 @@ def load_pixels(paths: list[Path], mean: tuple, std: tuple) -> torch.Tensor:
     return (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(pixels: torch.Tensor, generator: torch.Generator, max_shift: int = 0) -> torch.Tensor:
     """A random horizontal flip per image: colour and shape are unchanged, and triangles
-    still point up as in easy-VQA (quarter turns would show the model shapes it never meets)."""
+    still point up as in easy-VQA (quarter turns would show the model shapes it never meets);
+    then, with `max_shift`, a random translation (see `shift`)."""
     flips = torch.rand(len(pixels), generator=generator) < 0.5
-    return torch.where(flips.view(-1, 1, 1, 1), pixels.flip(3), pixels)
+    pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(3), pixels)
+    return shift(pixels, random_offsets(len(pixels), max_shift, generator)) if max_shift else pixels
+
+
+def random_offsets(count: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(-max_shift, max_shift + 1, (count, 2), generator=generator)
+
+
+def shift(images: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Translate each image [N, C, H, W] by its (dy, dx) pixels, filling with its edge values (easy-VQA's
+    background). Large patches (LLaVA's 16 px) otherwise meet each shape at few alignments to their grid."""
+    margin = int(offsets.abs().max())
+    if margin == 0:
+        return images
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (margin,) * 4, mode="replicate")
+    return torch.stack([padded[i, :, margin - dy:margin - dy + height, margin - dx:margin - dx + width]
+                        for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
 def encode_questions(tokenizer, questions: list[str]) -> dict[str, torch.Tensor]:
@@ -114,18 +138,18 @@ def encode_questions(tokenizer, questions: list[str]) -> dict[str, torch.Tensor]
 @dataclass
 class TrainingData:
     """easy-VQA's training images (normalised as the processor does), their colour, shape and
-    per-patch targets for stage 1, and the questions of each image for stage 2."""
+    object coverage for stage 1, and the questions of each image for stage 2."""
 
     pixels: torch.Tensor  # [N, 3, H, W], every training image
     image_index: dict[int, int]  # image id → row of `pixels`
     labelled_pixels: torch.Tensor  # rows of images whose colour and shape are known
     colors: torch.Tensor  # [L] palette index
     shapes: torch.Tensor  # [L] shape index
-    patches: torch.Tensor  # [L, patches] 0 background, 1 + shape index
+    coverage: torch.Tensor  # [L, H, W] the object's share of each pixel
     questions_by_image: dict[int, list[easy_vqa.Question]]
 
     @classmethod
-    def load(cls, image_processor, questions: list[easy_vqa.Question], patch_size: int) -> "TrainingData":
+    def load(cls, image_processor, questions: list[easy_vqa.Question]) -> "TrainingData":
         paths = easy_vqa.image_paths("train")
         image_ids = sorted(paths)
         image_index = {image_id: i for i, image_id in enumerate(image_ids)}
@@ -138,8 +162,8 @@ class TrainingData:
             by_image.setdefault(q.image_id, []).append(q)
         return cls(pixels, image_index, pixels[[image_index[i] for i in labelled]],
                    torch.tensor([easy_vqa.COLORS.index(labels[i].color) for i in labelled]), shapes,
-                   patch_labels([labels[i].path for i in labelled], [labels[i].color for i in labelled], shapes,
-                                patch_size), by_image)
+                   object_coverage([labels[i].path for i in labelled], [labels[i].color for i in labelled]),
+                   by_image)
 
     def summary(self) -> str:
         questions = sum(len(q) for q in self.questions_by_image.values())
@@ -153,31 +177,34 @@ def _cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def patch_labels(paths: list[Path], colors: list[str], shapes: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Per-patch targets for stage 1: 0 for background, 1 + shape index where the shape covers
-    at least a tenth of the patch. A dense signal teaches the patch features shape far sooner
-    than one label per image."""
-    out = []
-    for path, color, shape in zip(paths, colors, shapes.tolist()):
-        alpha = easy_vqa.object_alpha(np.asarray(Image.open(path).convert("RGB")), color)
-        coverage = torch.from_numpy(alpha).float()[None, None]
-        coverage = F.avg_pool2d(coverage, patch_size).flatten()
-        out.append(torch.where(coverage >= 0.1, 1 + shape, 0))
-    return torch.stack(out)
+def object_coverage(paths: list[Path], colors: list[str]) -> torch.Tensor:
+    """[L, H, W]: how much of each pixel the object covers (anti-aliased edges are fractional)."""
+    return torch.stack([torch.from_numpy(easy_vqa.object_alpha(np.asarray(Image.open(path).convert("RGB")), color))
+                        .float() for path, color in zip(paths, colors)])
 
 
-def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tensor, shapes: torch.Tensor,
-                 patches: torch.Tensor, log) -> None:
+def patch_targets(coverage: torch.Tensor, values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Per-patch targets [N, patches] for stage 1: 0 for background, 1 + value where the object covers at
+    least a tenth of the patch. A dense signal teaches the patch features shape far sooner than one
+    label per image."""
+    covered = F.avg_pool2d(coverage[:, None], patch_size).flatten(1) >= 0.1
+    return torch.where(covered, 1 + values[:, None], 0)
+
+
+def train_stage1(model, recipe: Recipe, data: TrainingData, log) -> None:
+    """Colour and shape per image (mean patch state) and per patch (background, or the colour and the
+    shape covering it): the patch states then carry both attributes where the object is."""
     vision = model.vision_model
+    pixels, colors, shapes = data.labelled_pixels, data.colors, data.shapes
     n_colors, n_shapes = len(easy_vqa.COLORS), len(easy_vqa.SHAPES)
     image_head = torch.nn.Linear(recipe.hidden, n_colors + n_shapes)
-    patch_head = torch.nn.Linear(recipe.hidden, 1 + n_shapes)
+    patch_head = torch.nn.Linear(recipe.hidden, 1 + n_shapes + 1 + n_colors)
     params = list(vision.parameters()) + list(image_head.parameters()) + list(patch_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.stage1_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     steps_per_epoch = math.ceil(len(pixels) / recipe.stage1_batch)
     total = recipe.stage1_epochs * steps_per_epoch
-    grid = int(patches.shape[1] ** 0.5)
+    grid = recipe.image_size // recipe.patch_size
     step = 0
     for epoch in range(recipe.stage1_epochs):
         order = torch.randperm(len(pixels), generator=generator)
@@ -187,14 +214,20 @@ def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tens
             for group in optimizer.param_groups:
                 group["lr"] = recipe.stage1_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
             flips = torch.rand(len(idx), generator=generator) < 0.5
-            batch = torch.where(flips.view(-1, 1, 1, 1), pixels[idx].flip(3), pixels[idx])
-            targets = patches[idx].view(-1, grid, grid)
-            targets = torch.where(flips.view(-1, 1, 1), targets.flip(2), targets).flatten(1)
+            batch, coverage = pixels[idx], data.coverage[idx]
+            if recipe.max_shift:  # the object's coverage moves with it
+                offsets = random_offsets(len(idx), recipe.max_shift, generator)
+                batch, coverage = shift(batch, offsets), shift(coverage[:, None], offsets)[:, 0]
+            batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(3), batch)
+            shape_targets, color_targets = (
+                torch.where(flips.view(-1, 1, 1), t.view(-1, grid, grid).flip(2), t.view(-1, grid, grid)).flatten()
+                for t in (patch_targets(coverage, values[idx], recipe.patch_size) for values in (shapes, colors)))
             states = vision(pixel_values=batch).last_hidden_state
             logits = image_head(states[:, 1:].mean(dim=1))
-            patch_logits = patch_head(states[:, 1:])
+            patch_logits = patch_head(states[:, 1:]).flatten(0, 1)
             loss = (F.cross_entropy(logits[:, :n_colors], colors[idx]) + F.cross_entropy(logits[:, n_colors:], shapes[idx])
-                    + F.cross_entropy(patch_logits.flatten(0, 1), targets.flatten()))
+                    + F.cross_entropy(patch_logits[:, :1 + n_shapes], shape_targets)
+                    + F.cross_entropy(patch_logits[:, 1 + n_shapes:], color_targets))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,11 +239,14 @@ def train_stage1(model, recipe: Recipe, pixels: torch.Tensor, colors: torch.Tens
 
 
 def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
-               questions_by_image: dict[int, list[easy_vqa.Question]], answer_loss, log, evaluate=None) -> None:
+               questions_by_image: dict[int, list[easy_vqa.Question]], answer_loss, log, evaluate=None,
+               probe: torch.nn.Module | None = None) -> None:
     """Stage 2 for either family: seeded batches of images, each with a sample of its questions,
     and a cosine schedule. `answer_loss(image_pixels, owner, questions) -> (loss, correct)` is the
-    family's forward; `owner[k]` is the batch row of question k's image."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
+    family's forward; `owner[k]` is the batch row of question k's image; `probe` is trained with the
+    model and discarded afterwards."""
+    params = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=recipe.stage2_lr, weight_decay=recipe.weight_decay)
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     rng = random.Random(recipe.seed + 3)
     image_ids = sorted(questions_by_image)
@@ -231,11 +267,11 @@ def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
                     questions.append(q)
             for group in optimizer.param_groups:
                 group["lr"] = recipe.stage2_lr * _cosine(step, total, warmup=steps_per_epoch // 2)
-            image_pixels = augment(pixels[[image_index[i] for i in batch_images]], generator)
+            image_pixels = augment(pixels[[image_index[i] for i in batch_images]], generator, recipe.max_shift)
             loss, hits = answer_loss(image_pixels, torch.tensor(owner), questions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             seen += len(questions)
             correct += hits
@@ -246,8 +282,21 @@ def run_stage2(model, recipe, pixels: torch.Tensor, image_index: dict[int, int],
             evaluate(epoch)
 
 
-def blip_answer_loss(model, tokenizer):
-    """BLIP's stage-2 forward: the vision pass once per image, shared by its questions."""
+def presence_loss(probe: torch.nn.Module, states: torch.Tensor, questions: list[easy_vqa.Question]) -> torch.Tensor:
+    """The auxiliary target of yes/no questions: whether the colour or shape they name is shown (the answer,
+    flipped for a negated question), read linearly from `states` [N, D]. Without it a model learns the
+    answers' prior (a named colour is absent seven times in eight) and, where the named colour is the shown
+    one, the asserting and negated forms separately; with it both forms share one comparison."""
+    targets = torch.tensor([int((q.answer == "yes") != easy_vqa.is_negated(q.question)) if q.kind == "yes/no"
+                            else -100 for q in questions])
+    if not (targets >= 0).any():
+        return states.new_zeros(())
+    return F.cross_entropy(probe(states), targets, ignore_index=-100)
+
+
+def blip_answer_loss(model, tokenizer, probe: torch.nn.Module | None = None, presence_weight: float = 0.0):
+    """BLIP's stage-2 forward: the vision pass once per image, shared by its questions; the presence probe
+    reads the text encoder's [CLS] state, which the answer decoder reads too."""
     sep = tokenizer.sep_token_id
 
     def answer_loss(image_pixels: torch.Tensor, owner: torch.Tensor, questions: list[easy_vqa.Question]):
@@ -262,9 +311,19 @@ def blip_answer_loss(model, tokenizer):
                                     encoder_attention_mask=enc["attention_mask"]).logits
         # answers are one wordpiece in this vocabulary: predict it, then [SEP]
         loss = F.cross_entropy(logits[:, 0], first) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(first, sep))
+        if probe is not None:
+            loss = loss + presence_weight * presence_loss(probe, question_states[:, 0], questions)
         return loss, int((logits[:, 0].argmax(1) == first).sum())
 
     return answer_loss
+
+
+def training_questions(recipe) -> list[easy_vqa.Question]:
+    """easy-VQA's training questions, two-way choice questions, and yes/no questions naming each image's
+    own colour: easy-VQA asks those one time in eight, too rarely to teach the comparison they need."""
+    return (easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+            + easy_vqa.shown_color_questions(easy_vqa.image_colors("train"), recipe.shown_color_per_image,
+                                             seed=recipe.seed + 4))
 
 
 def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_every_epoch: bool = False) -> dict:
@@ -275,16 +334,16 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
     started = time.time()
     out_dir = Path(out_dir)
 
-    train_questions = easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+    train_questions = training_questions(recipe)
     vocab = build_vocab(train_questions + list(easy_vqa.load_questions("test")))
     processor = build_processor(vocab, recipe.image_size, out_dir)
     tokenizer = processor.tokenizer
     model = build_model(recipe, len(vocab), {t: vocab.index(t) for t in SPECIAL_TOKENS})
     model.train()
 
-    data = TrainingData.load(processor.image_processor, train_questions, recipe.patch_size)
+    data = TrainingData.load(processor.image_processor, train_questions)
     log(f"easy-VQA train: {data.summary()}, vocabulary {len(vocab)}")
-    train_stage1(model, recipe, data.labelled_pixels, data.colors, data.shapes, data.patches, log)
+    train_stage1(model, recipe, data, log)
     pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
 
     def evaluate(epoch: int) -> None:
@@ -294,8 +353,9 @@ def train_default(out_dir: Path, recipe: Recipe | None = None, log=print, eval_e
             log(f"  test (300 images): {json.dumps(result['accuracy'])}")
             model.train()
 
-    run_stage2(model, recipe, pixels, image_index, questions_by_image, blip_answer_loss(model, tokenizer), log,
-               evaluate)
+    probe = torch.nn.Linear(recipe.hidden, 2)
+    run_stage2(model, recipe, pixels, image_index, questions_by_image,
+               blip_answer_loss(model, tokenizer, probe, recipe.presence_weight), log, evaluate, probe)
     model.eval()
     minutes = (time.time() - started) / 60
     model.save_pretrained(out_dir)

@@ -5,8 +5,11 @@ transformers' `LlavaForConditionalGeneration` at toy size: a CLIP vision tower (
 attention; a BPE tokenizer built from the questions; llava-1.5's chat template. Two seeded stages:
   1. the vision tower learns colour and shape as image classification with per-patch targets,
      exactly the BLIP default's stage 1 (`default_blip.train_stage1`);
-  2. the whole model learns to answer easy-VQA plus two-way choice questions as the next token
-     after the prompt (then </s>), each image's vision pass shared by its questions.
+  2. the whole model learns to answer easy-VQA, two-way choice questions and yes/no questions naming
+     each image's own colour as the next token after the prompt (then </s>), each image's vision
+     pass shared by its questions, with the BLIP default's presence probe halfway up the language model.
+Images are translated by up to 6 px in both stages: 16 px patches otherwise meet small shapes at
+few alignments, and shape was this model's weak kind.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from notice.tasks import easy_vqa
-from notice.training.default_blip import TrainingData, run_stage2, train_stage1
+from notice.training.default_blip import TrainingData, presence_loss, run_stage2, train_stage1, training_questions
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 # llava-1.5's prompt format with a space for its newline (one vocabulary entry fewer per word)
@@ -48,10 +51,13 @@ class LlavaRecipe:
     lm_mlp: int = 384
     vocab_size: int = 400
     choice_per_kind: int = 2
-    stage1_epochs: int = 12
+    shown_color_per_image: int = 2
+    presence_weight: float = 0.5
+    max_shift: int = 6  # 16 px patches meet small shapes at few alignments: translate by up to 6 px
+    stage1_epochs: int = 20
     stage1_batch: int = 32
     stage1_lr: float = 2e-3
-    stage2_epochs: int = 6
+    stage2_epochs: int = 10
     images_per_step: int = 32
     questions_per_image: int = 6
     stage2_lr: float = 1e-3
@@ -123,7 +129,13 @@ def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def answer_step_logits(model, ids: list[list[int]], features: torch.Tensor, extra: int = 0) -> torch.Tensor:
-    """Logits [N, 1 + extra, V] at each prompt's last position (and `extra` positions after it).
+    """Logits [N, 1 + extra, V] at each prompt's last position (and `extra` positions after it)."""
+    return model.lm_head(_answer_states(model, ids, features, extra)[-1])
+
+
+def _answer_states(model, ids: list[list[int]], features: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, ...]:
+    """Every layer's states [N, 1 + extra, D] (the embeddings first) at each prompt's last position and the
+    `extra` positions after it.
 
     Prompts are right-padded: a causal model never looks right, so padding changes nothing that is read."""
     pad = model.config.text_config.pad_token_id
@@ -132,19 +144,22 @@ def answer_step_logits(model, ids: list[list[int]], features: torch.Tensor, extr
     embeds = model.model.language_model.embed_tokens(input_ids)
     mask = (input_ids == model.config.image_token_id)[..., None]
     embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    states = model.model.language_model(inputs_embeds=embeds, use_cache=False, output_hidden_states=True).hidden_states
     last = torch.tensor([len(row) - 1 - extra for row in ids])
     rows = last[:, None] + torch.arange(1 + extra)[None]  # [N, 1 + extra]
-    picked = hidden[torch.arange(len(ids))[:, None], rows]
-    return model.lm_head(picked)
+    picked = torch.arange(len(ids))[:, None], rows
+    return tuple(layer[picked] for layer in states)  # the last one is the final norm's output, as lm_head reads
 
 
-def llava_answer_loss(model, processor):
-    """LLaVA's stage-2 forward: the next-token logits after each prompt (the answer), then </s>."""
+def llava_answer_loss(model, processor, probe: torch.nn.Module | None = None, presence_weight: float = 0.0):
+    """LLaVA's stage-2 forward: the next-token logits after each prompt (the answer), then </s>; the
+    presence probe reads the answer position halfway up the language model, leaving the layers above it
+    to turn presence into the answer."""
     tokenizer = processor.tokenizer
     ids_of: dict[str, list[int]] = {}
     answer_of: dict[str, int] = {}
     eos = tokenizer.eos_token_id
+    probe_layer = model.config.text_config.num_hidden_layers // 2
 
     def answer_loss(image_pixels: torch.Tensor, owner: torch.Tensor, questions: list[easy_vqa.Question]):
         rows, answers = [], []
@@ -156,9 +171,12 @@ def llava_answer_loss(model, processor):
             rows.append(ids_of[q.question] + [answer_of[q.answer]])  # teacher-forced answer, then </s>
             answers.append(answer_of[q.answer])
         features = image_features(model, image_pixels)
-        logits = answer_step_logits(model, rows, features[owner], extra=1)  # [N, 2, V]
+        states = _answer_states(model, rows, features[owner], extra=1)  # each [N, 2, D]
+        logits = model.lm_head(states[-1])  # [N, 2, V]
         target = torch.tensor(answers)
         loss = F.cross_entropy(logits[:, 0], target) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(target, eos))
+        if probe is not None:
+            loss = loss + presence_weight * presence_loss(probe, states[probe_layer][:, 0], questions)
         return loss, int((logits[:, 0].argmax(1) == target).sum())
 
     return answer_loss
@@ -172,21 +190,21 @@ def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=pr
     started = time.time()
     out_dir = Path(out_dir)
 
-    train_questions = easy_vqa.all_questions("train", recipe.choice_per_kind, seed=recipe.seed)
+    train_questions = training_questions(recipe)
     everything = train_questions + list(easy_vqa.load_questions("test"))
     texts = [f"USER: {q.question} ASSISTANT: {q.answer}" for q in everything]
     processor = build_processor(recipe, sorted(set(texts)))
     model = build_model(recipe, processor.tokenizer)
     model.train()
 
-    data = TrainingData.load(processor.image_processor, train_questions, recipe.patch_size)
+    data = TrainingData.load(processor.image_processor, train_questions)
     log(f"easy-VQA train: {data.summary()}, vocabulary {len(processor.tokenizer)}")
     # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
-    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe,  # type: ignore[arg-type]
-                 data.labelled_pixels, data.colors,
-                 data.shapes, data.patches, log)
+    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data, log)  # type: ignore[arg-type]
     pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
-    run_stage2(model, recipe, pixels, image_index, questions_by_image, llava_answer_loss(model, processor), log)
+    probe = torch.nn.Linear(recipe.lm_hidden, 2)
+    run_stage2(model, recipe, pixels, image_index, questions_by_image,
+               llava_answer_loss(model, processor, probe, recipe.presence_weight), log, probe=probe)
     model.eval()
     minutes = (time.time() - started) / 60
     model.save_pretrained(out_dir)

@@ -66,21 +66,31 @@ def gated(gate: nn.Parameter | None, write: torch.Tensor) -> torch.Tensor:
 
 @dataclass(kw_only=True)
 class EncoderBlock(PreNormBlock):
-    """A bidirectional pre-LayerNorm encoder layer (ViT, CLIP, SigLIP)."""
+    """A bidirectional pre-norm encoder layer (ViT, CLIP, SigLIP; Qwen2-VL's tower with 2-D rotary
+    positions, and Qwen2.5-VL's with attention inside windows on some layers)."""
 
     attn_norm: nn.Module
     qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # flat [N, P, H*d] each
     heads: int
     scale: float | None = None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer on rows [N, P, D]; mask [P, P] bool (True = attend), None: every position sees every other."""
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)))
-        return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, mask, self.scale))))
+    def forward(self, x: torch.Tensor, rope: Rope | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on rows [N, P, D]; rope: cos, sin [1, P, d] of the positions (applied in float32, as
+        vision towers do); mask [P, P] bool (True = attend), e.g. attention windows."""
+        q, k, v = self.heads_read(x, rope)
+        return self.after_attention(x, self.attn_write(merge_heads(attend(q, k, v, mask, scale=self.scale))))
 
-    def attention_inputs(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> AttentionInputs:
-        """What the heads read for a layer input x [P, D]; mask [P, P] bool (True = attend), None: all."""
-        q, k, v = (split_heads(t, self.heads)[0] for t in self.qkv(self.attn_norm(x[None])))
+    def heads_read(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [N, H, P, d] of rows [N, P, D], queries and keys rotated by `rope`."""
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.attn_norm(x)))
+        if rope is not None:
+            q, k = (rotate(t.float(), rope).to(t.dtype) for t in (q, k))
+        return q, k, v
+
+    def attention_inputs(self, x: torch.Tensor, rope: Rope | None = None,
+                         mask: torch.Tensor | None = None) -> AttentionInputs:
+        """What the heads read for a layer input x [P, D] (rope and mask as in `forward`)."""
+        q, k, v = (t[0] for t in self.heads_read(x[None], rope))
         return AttentionInputs(q, k, v, mask, self.scale or q.shape[-1] ** -0.5)
 
 
