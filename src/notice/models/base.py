@@ -290,9 +290,19 @@ class ModelAdapter(ABC):
             raise NoticeError(f"answer {answer!r} has no tokens: give a non-empty answer word")
         return ids
 
-    @abstractmethod
+    @torch.no_grad()
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
-        """Free-form greedy answers, as transformers' `generate` gives them."""
+        """Free-form greedy answers, as transformers' `generate` gives them after the prompt (a family whose
+        model answers otherwise overrides this)."""
+        answers: list[str] = [""] * len(questions)
+        for index in self.batches_by_length(questions, self.answer_batch_size, images):
+            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
+            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+            for i, text in zip(index, self.tokenizer.batch_decode(ids[:, inputs.input_ids.shape[1]:],
+                                                                  skip_special_tokens=True)):
+                answers[i] = text.strip()
+        return answers
 
     def prompt_positions(self, question: str, positions: Sequence[int], run: Run | None = None) -> list[int]:
         """Positions of the question tokenized alone (as pairs store STR and text-noise sites) in the

@@ -225,18 +225,6 @@ class ImageTokenAdapter(ModelAdapter):
         own image tokens (cache["image_positions"] in the projector's order), unless packing mixes rows."""
         return int(cache["image_positions"][positions].min())
 
-    @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
-        answers: list[str] = [""] * len(questions)
-        for index in self.batches_by_length(questions, self.answer_batch_size, images):
-            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
-            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            for i, text in zip(index, self.tokenizer.batch_decode(ids[:, inputs.input_ids.shape[1]:],
-                                                                  skip_special_tokens=True)):
-                answers[i] = text.strip()
-        return answers
-
     # ------------------------------------------------------------ the LM's facts
     def rope(self, cache: dict, start: int, count: int, layer: int) -> Rope:
         """cos, sin [1, count, d] of positions start..start+count-1 for a layer (the same for every layer:

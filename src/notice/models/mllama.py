@@ -349,18 +349,6 @@ class MllamaAdapter(ModelAdapter):
                                   use_cache=False).last_hidden_state
         return self.model.lm_head(hidden[:, -(steps + 1):])
 
-    @torch.no_grad()
-    def generate(self, images: Sequence[Image.Image], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
-        answers: list[str] = [""] * len(questions)
-        for index in self.batches_by_length(questions, self.answer_batch_size):
-            inputs = self.prepare([images[i] for i in index], [questions[i] for i in index])
-            ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            for i, text in zip(index, self.tokenizer.batch_decode(ids[:, inputs.input_ids.shape[1]:],
-                                                                  skip_special_tokens=True)):
-                answers[i] = text.strip()
-        return answers
-
     # ---------------------------------------------------------------- patching
     def cross_mask(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Row 0's additive cross-attention mask [T, M] and which rows see an image [T, 1] (transformers')."""
