@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import helpers  # noqa: E402  (builders of random-init checkpoints)
-from research_way import flops, forward_with_hook, research_cell  # noqa: E402
+from research_way import engine_cells, flops, forward_with_hook, research_cells  # noqa: E402
 from notice.io import load_image  # noqa: E402
 from notice.models import load_model  # noqa: E402
-from notice.patching.engine import make_batches, plan  # noqa: E402
 from notice.patching.sites import Site  # noqa: E402
 from notice.tasks import easy_vqa  # noqa: E402
 
@@ -155,43 +154,18 @@ def main() -> None:
               "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
               "full_forward_flops": full_flops, "sweeps": {}}
     for name, sites in sweeps.items():
-        groups = plan(sites, list(adapter.streams), adapter.cross_layer_streams)  # the engine's own grouping
-        batches = [make_batches(adapter, sites, group.cells, receiving, receiving.logits.device) for group in groups]
-        order = [i for group in groups for i in group.cells]
-
-        def engine(batches=batches, order=order) -> torch.Tensor:
-            out = torch.cat([adapter.patched_logits(receiving, source, b) for b in batches])
-            return out[torch.argsort(torch.tensor(order))]  # back to site order
-
-        engine()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            fast = engine()
-            times.append(time.perf_counter() - t)
-        engine_cell = statistics.median(times) / len(sites)
-        engine_flops = flops(engine) / len(sites)
-
-        step = max(1, len(sites) // args.research_cells)
-        chosen = list(range(0, len(sites), step))[:args.research_cells]
-        research_times, processor_times, errors = [], [], []
-        for i in chosen:
-            t = time.perf_counter()
-            slow = research_cell(adapter, clean, corrupt, sites[i])
-            research_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            research_cell(adapter, clean, corrupt, sites[i], inputs=(pictures, question))
-            processor_times.append(time.perf_counter() - t)
-            errors.append(float((slow - fast[i]).abs().max()))
-        research_cell_seconds = statistics.median(research_times)
+        measured = engine_cells(adapter, receiving, source, sites, args.repeats)  # the engine's own grouping
+        fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
+        research = research_cells(adapter, clean, corrupt, sites, fast, args.research_cells, (pictures, question))
+        research_cell_seconds = research["seconds_per_cell"]
         report["sweeps"][name] = {
-            "cells": len(sites), "engine_calls": len(batches), "research_cells_timed": len(chosen),
+            "cells": len(sites), "engine_calls": measured["calls"], "research_cells_timed": research["timed"],
             "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
             "time_ratio": research_cell_seconds / engine_cell,
-            "time_ratio_research_with_processor": statistics.median(processor_times) / engine_cell,
+            "time_ratio_research_with_processor": research["seconds_per_cell_with_processor"] / engine_cell,
             "time_ratio_with_traces": research_cell_seconds / (engine_cell + trace_seconds / len(sites)),
             "research_flops_per_cell": 3 * full_flops, "engine_flops_per_cell": engine_flops,
-            "flops_ratio": 3 * full_flops / engine_flops, "max_abs_logit_difference": max(errors),
+            "flops_ratio": 3 * full_flops / engine_flops, "max_abs_logit_difference": research["max_error"],
             "max_abs_patch_effect": float((fast - receiving.logits).abs().max())}
 
     text_tokens = int(ids.shape[0]) - len(image)

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from research_way import engine_cells, flops, forward_with_hook, research_cell
+from research_way import engine_cells, flops, forward_with_hook, research_cells
 
 from notice.models import load_model
 from notice.patching.sites import Site
@@ -108,7 +108,7 @@ def color_pair(size: int | None = None) -> tuple:
     return pictures, "what color is the shape?"
 
 
-def measure(adapter, pair: tuple, repeats: int, research_cells: int) -> dict:
+def measure(adapter, pair: tuple, repeats: int, research_count: int) -> dict:
     """Both ways on one pair: the answer-token head sweep and an image-token sweep, time and FLOPs per cell."""
     pictures, question = pair
     clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
@@ -132,22 +132,11 @@ def measure(adapter, pair: tuple, repeats: int, research_cells: int) -> dict:
         measured = engine_cells(adapter, receiving, source, sites, repeats)  # the engine's own grouping
         fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
 
-        step = max(1, len(sites) // research_cells)
-        chosen = list(range(0, len(sites), step))[:research_cells]
-        research_times, processor_times, errors = [], [], []
-        for i in chosen:
-            t = time.perf_counter()
-            slow = research_cell(adapter, clean, corrupt, sites[i])
-            research_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            research_cell(adapter, clean, corrupt, sites[i], inputs=(pictures, question))
-            processor_times.append(time.perf_counter() - t)
-            errors.append(float((slow - fast[i]).abs().max()))
-        research_cell_seconds = statistics.median(research_times)
-        with_processor = statistics.median(processor_times)
+        research = research_cells(adapter, clean, corrupt, sites, fast, research_count, (pictures, question))
+        research_cell_seconds, with_processor = research["seconds_per_cell"], research["seconds_per_cell_with_processor"]
         research_flops = 3 * full_flops
         report["sweeps"][name] = {
-            "cells": len(sites), "engine_calls": measured["calls"], "research_cells_timed": len(chosen),
+            "cells": len(sites), "engine_calls": measured["calls"], "research_cells_timed": research["timed"],
             "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
             "engine_seconds_per_cell_with_traces": engine_cell + trace_seconds / len(sites),
             "time_ratio": research_cell_seconds / engine_cell,
@@ -155,7 +144,7 @@ def measure(adapter, pair: tuple, repeats: int, research_cells: int) -> dict:
             "time_ratio_research_with_processor": with_processor / engine_cell,
             "time_ratio_with_traces": research_cell_seconds / (engine_cell + trace_seconds / len(sites)),
             "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
-            "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
+            "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": research["max_error"],
             "max_abs_patch_effect": float((fast - receiving.logits).abs().max())}
     return report
 

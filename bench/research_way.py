@@ -79,3 +79,22 @@ def engine_cells(adapter, receiving, source, sites: list[Site], repeats: int) ->
         times.append(time.perf_counter() - started)
     return {"logits": logits, "seconds_per_cell": statistics.median(times) / len(sites), "runs_seconds": times,
             "flops_per_cell": flops(engine) / len(sites), "calls": len(batches)}
+
+
+def research_cells(adapter, clean, corrupt, sites: list[Site], fast: torch.Tensor, count: int, inputs) -> dict:
+    """The research way on `count` of the cells spread evenly over the sweep: median seconds per cell as
+    the notebooks ran it, and with the processor preparing both inputs per cell (`inputs`: images,
+    question); the largest logit difference from the engine's logits `fast` (in site order)."""
+    step = max(1, len(sites) // count)
+    chosen = list(range(0, len(sites), step))[:count]
+    times, with_processor, errors = [], [], []
+    for i in chosen:
+        started = time.perf_counter()
+        slow = research_cell(adapter, clean, corrupt, sites[i])
+        times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        research_cell(adapter, clean, corrupt, sites[i], inputs=inputs)
+        with_processor.append(time.perf_counter() - started)
+        errors.append(float((slow - fast[i]).abs().max()))
+    return {"timed": len(chosen), "seconds_per_cell": statistics.median(times),
+            "seconds_per_cell_with_processor": statistics.median(with_processor), "max_error": max(errors)}
