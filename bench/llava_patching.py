@@ -20,11 +20,10 @@ import tempfile
 import time
 
 import torch
-from research_way import engine_cells, flops, forward_with_hook, research_cells
+from research_way import color_pair, engine_cells, flops, forward_with_hook, research_cells
 
 from notice.models import load_model
 from notice.patching.sites import Site
-from notice.tasks import easy_vqa
 
 
 def llava_7b_flops(text_tokens: int = 30) -> dict:
@@ -93,19 +92,6 @@ def main() -> None:
         "reference_hours_per_head_index_a100": 6.0,
         "projected_minutes_per_head_index_same_throughput": 6.0 * 60 / ratio}
     print(json.dumps(report, indent=2))
-
-
-def color_pair(size: int | None = None) -> tuple:
-    """Two easy-VQA test images of one shape in different colours (resized to `size` px), one question."""
-    from notice.io import load_image
-
-    labels = easy_vqa.image_labels("test")
-    first = labels[sorted(labels)[0]]
-    other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
-    pictures = tuple(load_image(l.path) for l in (first, other))
-    if size is not None:
-        pictures = tuple(p.resize((size, size)) for p in pictures)
-    return pictures, "what color is the shape?"
 
 
 def measure(adapter, pair: tuple, repeats: int, research_count: int) -> dict:

@@ -26,14 +26,11 @@ import time
 from pathlib import Path
 
 import torch
-from research_way import engine_cells, flops, forward_with_hook, research_cell
+from research_way import color_pair, engine_cells, flops, forward_with_hook, research_cells
 
-from notice.io import load_image
 from notice.models.base import Site
 from notice.models.qformer import InstructBlipAdapter
-from notice.tasks import easy_vqa
 
-QUESTION = "what color is the shape?"
 GEOMETRIES = {
     "instructblip-vicuna-7b": dict(image_size=224, patch_size=14, vision_hidden=1408, vision_layers=4, vision_heads=16,
                                    vision_mlp=6144, qformer_hidden=768, qformer_layers=12, qformer_heads=12,
@@ -132,10 +129,8 @@ def main() -> None:
     started = time.perf_counter()
     adapter = build(GEOMETRIES[args.geometry])
     build_seconds = time.perf_counter() - started
-    labels = easy_vqa.image_labels("test")
-    first = labels[sorted(labels)[0]]
-    other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
-    clean, corrupt = adapter.runs_for(load_image(first.path), load_image(other.path), QUESTION, QUESTION)
+    pictures, question = color_pair()
+    clean, corrupt = adapter.runs_for(*pictures, question, question)
 
     qformer = adapter.streams["qformer"]
     sweep = [Site("qformer", l, "cross_attn", h, p) for l in qformer.layers_of["cross_attn"] for h in range(qformer.heads)
@@ -149,28 +144,21 @@ def main() -> None:
     measured = engine_cells(adapter, receiving, source, sites, args.repeats)
     fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
 
-    research_every = max(1, len(sites) // args.research_cells)
-    chosen = list(range(0, len(sites), research_every))[:args.research_cells]
-    research_times, errors = [], []
-    for i in chosen:
-        t = time.perf_counter()
-        slow = research_cell(adapter, clean, corrupt, sites[i])
-        research_times.append(time.perf_counter() - t)
-        errors.append(float((slow - fast[i]).abs().max()))
-    research_seconds = statistics.median(research_times)
+    research = research_cells(adapter, clean, corrupt, sites, fast, args.research_cells)
+    research_seconds = research["seconds_per_cell"]
     research_flops = 3 * flops(lambda: forward_with_hook(adapter, corrupt))
 
     counts = adapter.num_positions(clean)
     report = {
         "geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
         "positions": counts, "sweep_cells": len(sweep), "cells_timed_engine": len(sites),
-        "cells_timed_research": len(chosen), "engine_calls": measured["calls"],
+        "cells_timed_research": research["timed"], "engine_calls": measured["calls"],
         "engine_runs_seconds": measured["runs_seconds"],
-        "research_cell_seconds": research_times, "trace_seconds_per_pair": round(trace_seconds, 3),
+        "research_cell_seconds": research["runs_seconds"], "trace_seconds_per_pair": round(trace_seconds, 3),
         "research_seconds_per_cell": research_seconds, "engine_seconds_per_cell": engine_cell,
         "time_ratio": research_seconds / engine_cell,
         "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
-        "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": max(errors),
+        "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": research["max_error"],
         "max_abs_patch_effect": float((fast - receiving.logits).abs().max()),
     }
     big = instructblip_7b_flops(text_tokens=counts["lm"] - adapter.queries, instruction_tokens=counts["qformer"] - adapter.queries)

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "tests" / "models")]
 
 import tiny_qwen  # noqa: E402  (builders of random-init Qwen2-VL checkpoints)
-from llava_patching import color_pair, measure  # noqa: E402
+from llava_patching import measure  # noqa: E402
+from research_way import color_pair  # noqa: E402
 from notice.models import load_model  # noqa: E402
 
 GEOMETRIES = {

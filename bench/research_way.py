@@ -9,8 +9,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from notice.io import load_image
 from notice.patching.engine import make_batches, plan
 from notice.patching.sites import Site
+from notice.tasks import easy_vqa
 
 
 def forward_with_hook(adapter, run, site: Site | None = None, edit=None) -> torch.Tensor:
@@ -81,10 +83,11 @@ def engine_cells(adapter, receiving, source, sites: list[Site], repeats: int) ->
             "flops_per_cell": flops(engine) / len(sites), "calls": len(batches)}
 
 
-def research_cells(adapter, clean, corrupt, sites: list[Site], fast: torch.Tensor, count: int, inputs) -> dict:
-    """The research way on `count` of the cells spread evenly over the sweep: median seconds per cell as
-    the notebooks ran it, and with the processor preparing both inputs per cell (`inputs`: images,
-    question); the largest logit difference from the engine's logits `fast` (in site order)."""
+def research_cells(adapter, clean, corrupt, sites: list[Site], fast: torch.Tensor, count: int, inputs=None) -> dict:
+    """The research way on `count` of the cells spread evenly over the sweep: seconds per cell as the
+    notebooks ran it (each run and the median), with `inputs` (images, question) also with the processor
+    preparing both inputs per cell; the largest logit difference from the engine's logits `fast` (in site
+    order)."""
     step = max(1, len(sites) // count)
     chosen = list(range(0, len(sites), step))[:count]
     times, with_processor, errors = [], [], []
@@ -92,9 +95,24 @@ def research_cells(adapter, clean, corrupt, sites: list[Site], fast: torch.Tenso
         started = time.perf_counter()
         slow = research_cell(adapter, clean, corrupt, sites[i])
         times.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        research_cell(adapter, clean, corrupt, sites[i], inputs=inputs)
-        with_processor.append(time.perf_counter() - started)
+        if inputs is not None:
+            started = time.perf_counter()
+            research_cell(adapter, clean, corrupt, sites[i], inputs=inputs)
+            with_processor.append(time.perf_counter() - started)
         errors.append(float((slow - fast[i]).abs().max()))
-    return {"timed": len(chosen), "seconds_per_cell": statistics.median(times),
-            "seconds_per_cell_with_processor": statistics.median(with_processor), "max_error": max(errors)}
+    out = {"timed": len(chosen), "runs_seconds": times, "seconds_per_cell": statistics.median(times),
+           "max_error": max(errors)}
+    if with_processor:
+        out["seconds_per_cell_with_processor"] = statistics.median(with_processor)
+    return out
+
+
+def color_pair(size: int | None = None) -> tuple:
+    """Two easy-VQA test images of one shape in different colours (resized to `size` px), one question."""
+    labels = easy_vqa.image_labels("test")
+    first = labels[sorted(labels)[0]]
+    other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
+    pictures = tuple(load_image(l.path) for l in (first, other))
+    if size is not None:
+        pictures = tuple(p.resize((size, size)) for p in pictures)
+    return pictures, "what color is the shape?"
