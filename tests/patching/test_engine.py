@@ -164,3 +164,23 @@ def test_bfloat16_engine_stays_close_to_float32(tiny_blip_dir, tiny_pairs):
     low, high = patch_pair(bf16, pair, sites), patch_pair(fp32, pair, sites)
     assert np.isfinite(low["ld"]).all()
     np.testing.assert_allclose(low["ld"], high["ld"], atol=0.15 * max(1.0, high["ld"].abs().max()))
+
+
+def test_cells_whose_patch_changes_nothing_take_the_receiving_logits_without_a_forward(tiny_llava, tmp_path,
+                                                                                       monkeypatch):
+    """A text pair in a causal LM: every position before the swapped word holds the same values in both
+    runs, so those cells cost no forward; the table still equals one full forward per cell."""
+    pair = make_pairs(tmp_path, helpers.TINY_LLAVA["image_size"])["text_str"]
+    clean, corrupt = engine.pair_runs(tiny_llava, pair)
+    first_difference = int((clean.inputs.input_ids[0] != corrupt.inputs.input_ids[0]).nonzero()[0, 0])
+    sites = ["lm.*.layer", "lm.*.self_attn.head*"]
+    cells = expand_sites(sites, tiny_llava.streams, tiny_llava.num_positions(clean))
+    computed = []
+    forward = tiny_llava.patched_logits
+    monkeypatch.setattr(tiny_llava, "patched_logits", lambda receiving, source, batches: (
+        computed.extend(int(p) for b in batches for p in b.positions[:, 0]), forward(receiving, source, batches))[1])
+    table = patch_pair(tiny_llava, pair, sites, checks=False)
+    assert first_difference > 0 and len(computed) == sum(int(s.position) >= first_difference for s in cells)
+    assert min(computed) == first_difference
+    monkeypatch.undo()
+    assert_same_table(table, naive_patch_pair(tiny_llava, pair, sites))

@@ -6,8 +6,10 @@ it starts there from the cached state; in the patched layer only the patched pos
 recomputed; cross-attention keys and values of an unchanged memory (the receiving image for text
 sites, the receiving question for decoder sites) are reused. Cells of one layer go into the batch
 dimension of one forward; where the adapter allows (a causal LM), so do cells of every layer that
-start at the same position, each row joining at the layer after its patch. Metrics stay on the
-device until the batch is done. Two sanity checks per pair guard every shortcut (see `check_pair`).
+start at the same position, each row joining at the layer after its patch. A cell whose source
+values equal the receiving run's where it patches (a causal LM's positions before the first
+difference) changes nothing: it takes the receiving run's logits without a forward. Metrics stay
+on the device until the batch is done. Two sanity checks per pair guard every shortcut (see `check_pair`).
 """
 
 from __future__ import annotations
@@ -179,18 +181,43 @@ def run_cells(adapter: ModelAdapter, cells: Sequence[Site], receiving: Trace, so
     device = receiving.logits.device
     out = np.zeros((len(cells), 3))
     sizes: dict[str, int] = {}
+    unchanged_stats = cell_stats(receiving.logits[None], base).cpu().numpy()
     for group in plan(cells, list(adapter.streams), adapter.cross_layer_streams):
         if group.stream not in sizes:
             sizes[group.stream] = batch_size or batch_size_for(adapter, group.stream, receiving, source, max_memory)
         size = sizes[group.stream]
-        for start in range(0, len(group.cells), size):
-            chunk = group.cells[start:start + size]
+        same = unchanged_cells(adapter, cells, group.cells, receiving, source, device)
+        if same:
+            out[same] = unchanged_stats
+            if progress is not None:
+                progress(len(same))
+        skip = set(same)
+        changed = [i for i in group.cells if i not in skip]
+        for start in range(0, len(changed), size):
+            chunk = changed[start:start + size]
             batches = make_batches(adapter, cells, chunk, receiving, device)
             stats = cell_stats(adapter.patched_logits(receiving, source, batches), base)  # [n, 3] on device
             out[chunk] = stats.cpu().numpy()  # batches keep the chunk's order
             if progress is not None:
                 progress(len(chunk))
     return out
+
+
+def unchanged_cells(adapter: ModelAdapter, sites: Sequence[Site], cells: Sequence[int], receiving: Trace,
+                    source: Trace, device: torch.device) -> list[int]:
+    """The cells whose source values equal the receiving run's where they patch (e.g. positions before the
+    first difference in a causal LM): patching them changes nothing, so their logits are the receiving
+    run's, and no forward is needed."""
+    same = []
+    for batch in make_batches(adapter, sites, cells, receiving, device):
+        key = (batch.stream, batch.layer)
+        mine, theirs = receiving.acts[key][batch.target], source.acts[key][batch.target]
+        equal = mine[batch.positions] == theirs[batch.positions]  # [N, K, W]
+        if batch.columns is not None:
+            equal |= ~batch.columns[:, None, :]
+        same.append(equal.flatten(1).all(1))
+    flags = torch.cat(same).tolist()  # make_batches keeps the cells' order
+    return [i for i, flag in zip(cells, flags) if flag]
 
 
 def count_cells(adapter: ModelAdapter, pairs: Sequence[Pair], sites: Sequence[str]) -> list[int]:
