@@ -52,3 +52,31 @@ def test_report_rules_take_one_name_or_a_list(tmp_path):
     assert load_config(path).rule == ("default", "notice-code")
     path.write_text("tasks: [easyvqa-color]\nout: x\n")
     assert load_config(path).rule == ("default",)
+
+
+def test_models_side_by_side_in_processes_give_the_one_process_results(tmp_path):
+    """The demo's way: each model's steps in a worker process, bars and lines relayed to this console."""
+    import io
+
+    import pandas as pd
+    from rich.console import Console
+
+    from notice.pipeline import RunConfig, TaskSpec, run_models, run_steps
+
+    def configs(folder):
+        task = [TaskSpec("easyvqa-color", split="test", limit=2, max_per_cell=1, corruptions=("image_smp",))]
+        return [RunConfig(out=folder / "blip", tasks=task, model="easyvqa-blip", balance=False,
+                          sites=("text.*.cross_attn.head*",)),
+                RunConfig(out=folder / "llava", tasks=task, model="easyvqa-llava", balance=False,
+                          sites=("lm.*.self_attn.head*",))]
+
+    shown = io.StringIO()
+    side_by_side = run_models(configs(tmp_path / "two"), Console(file=shown, width=200), processes=2)
+    alone = [run_steps(config, Console(file=io.StringIO())) for config in configs(tmp_path / "one")]
+    for got, expected in zip(side_by_side, alone):
+        assert got.name == expected.name and len(got.table) > 0
+        columns = ["pair_id", "site", "ld", "normalized_effect", "kl"]
+        pd.testing.assert_frame_equal(got.table[columns].sort_values(["pair_id", "site"]).reset_index(drop=True),
+                                      expected.table[columns].sort_values(["pair_id", "site"]).reset_index(drop=True),
+                                      atol=1e-5, rtol=1e-4)
+        assert f"{got.name}: selected" in shown.getvalue()

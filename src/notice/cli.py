@@ -490,13 +490,16 @@ def report(results: Path = typer.Argument(..., help="A run folder of `notice run
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder.")) -> None:
-    """The main job on both embedded models: pairs, selection, exact patching, analysis, one report."""
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder."),
+         processes: Optional[int] = typer.Option(None, help="Models run side by side in this many processes "
+                                                            "(default: one per core).")) -> None:
+    """The main job on the embedded models: pairs, selection, exact patching, analysis, one report."""
     from notice.pipeline import run_demo
 
     with _boundary(lambda: _kept(out)):
-        check.output_folder("--out", out)
-        page = run_demo(out, console)
+        check.check_all([("--out", out, check.output_folder)]
+                        + ([("--processes", processes, check.whole(1))] if processes is not None else []))
+        page = run_demo(out, console, processes)
     console.print(f"report: {page.resolve()}")
 
 

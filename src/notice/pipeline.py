@@ -7,6 +7,7 @@ killed run resumes where it stopped (patching resumes per pair through the resul
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -154,7 +155,7 @@ def demo_configs(out: str | Path) -> list[RunConfig]:
     every position. Each condition keeps 48 pairs: 3 per colour and answer order, 8 per shape and
     answer order."""
     out = Path(out)
-    tasks = [TaskSpec("easyvqa-color", split="test", limit=120, max_per_cell=3,
+    tasks = [TaskSpec("easyvqa-color", split="test", limit=64, max_per_cell=3,
                       corruptions=("image_smp", "text_str_yesno")),
              TaskSpec("easyvqa-shape", split="test", limit=240, max_per_cell=8,
                       corruptions=("image_smp", "text_str_yesno", "image_noise"))]
@@ -171,21 +172,110 @@ def run_pipeline(config: RunConfig, console) -> Path:
                        top_k=config.top_k, seed=config.seed, rules=config.rule)
 
 
-def run_demo(out: str | Path, console) -> Path:
-    """Both embedded models through every step, then one report that compares them."""
+def run_demo(out: str | Path, console, processes: int | None = None) -> Path:
+    """Every embedded model through every step, side by side in `processes` processes (default: one per
+    core), then one report that compares them."""
     from notice.report.build import make_report
 
     configs = demo_configs(out)
-    results = [run_steps(config, console) for config in configs]
+    results = run_models(configs, console, processes)
     return make_report(results, Path(out) / "report", "notice demo: easy-VQA on the embedded BLIP and LLaVA",
                        seed=configs[0].seed)
 
 
-def run_steps(config: RunConfig, console):
-    """Pairs, selection and patching for one model; returns what its report needs."""
+def run_models(configs: Sequence[RunConfig], console, processes: int | None = None) -> list:
+    """run_steps of every config, in order. With several processes (default: one per core, at most one per
+    config) the models run side by side, the cores shared out as torch threads; their progress shows here."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = min(len(configs), processes or cores)
+    if processes <= 1:
+        return [run_steps(config, console) for config in configs]
+    context = multiprocessing.get_context("spawn")  # torch in a forked child can deadlock on its thread pools
+    messages = context.Queue()
+    with progress_bars(console) as progress:
+        relay = threading.Thread(target=_show_relayed, args=(messages, progress), daemon=True)
+        relay.start()
+        try:
+            with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                     initargs=(messages, max(1, cores // processes))) as pool:
+                futures = [pool.submit(_run_steps_in_worker, config) for config in configs]
+                return [future.result() for future in futures]
+        finally:
+            messages.put(None)
+            relay.join()
+
+
+def progress_bars(console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console)
+
+
+class RelayedProgress:
+    """What run_steps asks of a progress display and a console, in a worker process: each call goes to the
+    parent over a queue, where `_show_relayed` draws it, bars labelled with the model."""
+
+    def __init__(self, messages, label: str):
+        self.messages, self.label, self.count = messages, label, 0
+
+    def __enter__(self) -> "RelayedProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **_) -> int:
+        self.count += 1
+        self.messages.put(("add", (self.label, self.count), f"{self.label} {description}", total))
+        return self.count
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.messages.put(("advance", (self.label, task), advance))
+
+    def update(self, task: int, advance: float = 0, **_) -> None:
+        self.advance(task, advance)
+
+    def print(self, text: str) -> None:
+        self.messages.put(("print", text))
+
+
+def _show_relayed(messages, progress) -> None:
+    bars: dict[tuple[str, int], Any] = {}
+    while (message := messages.get()) is not None:
+        kind, *rest = message
+        if kind == "add":
+            bars[rest[0]] = progress.add_task(rest[1], total=rest[2])
+        elif kind == "advance":
+            progress.advance(bars[rest[0]], rest[1])
+        else:
+            progress.console.print(rest[0])
+
+
+_relay = None
+
+
+def _start_worker(messages, threads: int) -> None:
+    import torch
+
+    global _relay
+    torch.set_num_threads(threads)
+    _relay = messages
+
+
+def _run_steps_in_worker(config: RunConfig):
+    progress = RelayedProgress(_relay, config.model)
+    return run_steps(config, progress, progress)
+
+
+def run_steps(config: RunConfig, console, progress=None):
+    """Pairs, selection and patching for one model; returns what its report needs. Bars go to `progress`
+    (default: a display of its own on `console`)."""
     from notice.analysis.head_functions import read_head_functions, write_head_functions
     from notice.io import no_new_empty_folders
     from notice.models import load_model
@@ -199,9 +289,7 @@ def run_steps(config: RunConfig, console):
     out = config.out
     adapter = load_model(config.model, device=config.device, dtype=config.dtype)
     check_patterns(config.sites, adapter.streams, adapter.num_positions(example_run(adapter)))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with no_new_empty_folders(out), Progress(*columns, console=console) as progress:
+    with no_new_empty_folders(out), progress or progress_bars(console) as progress:
         selected_files = select_steps(config, adapter, progress)
         selection_reports = {path.stem: json.loads(selection_report_path(path).read_text())
                              for path in selected_files}
