@@ -492,7 +492,7 @@ def report(results: Path = typer.Argument(..., help="A run folder of `notice run
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Run folder."),
          processes: Optional[int] = typer.Option(None, help="Models run side by side in this many processes "
-                                                            "(default: one per core).")) -> None:
+                                                            "(default: one per model on a multi-core machine).")) -> None:
     """The main job on the embedded models: pairs, selection, exact patching, analysis, one report."""
     from notice.pipeline import run_demo
 

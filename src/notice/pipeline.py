@@ -174,7 +174,7 @@ def run_pipeline(config: RunConfig, console) -> Path:
 
 def run_demo(out: str | Path, console, processes: int | None = None) -> Path:
     """Every embedded model through every step, side by side in `processes` processes (default: one per
-    core), then one report that compares them."""
+    model where there are several cores), then one report that compares them."""
     from notice.report.build import make_report
 
     configs = demo_configs(out)
@@ -184,14 +184,15 @@ def run_demo(out: str | Path, console, processes: int | None = None) -> Path:
 
 
 def run_models(configs: Sequence[RunConfig], console, processes: int | None = None) -> list:
-    """run_steps of every config, in order. With several processes (default: one per core, at most one per
-    config) the models run side by side, the cores shared out as torch threads; their progress shows here."""
+    """run_steps of every config, in order. With several processes (default: one per config where there are
+    several cores) the models run side by side, the cores shared out as torch threads (at least one each:
+    three models on two cores finish together rather than one after two); their progress shows here."""
     import multiprocessing
     import threading
     from concurrent.futures import ProcessPoolExecutor
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    processes = min(len(configs), processes or cores)
+    processes = min(len(configs), processes or (len(configs) if cores > 1 else 1))
     if processes <= 1:
         return [run_steps(config, console) for config in configs]
     context = multiprocessing.get_context("spawn")  # torch in a forked child can deadlock on its thread pools
