@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from notice.evaluation import evaluate_model
+from notice.models import adapter_class
 
 KIND_NAMES = {"overall": "easy-VQA overall", "yes/no": "yes/no",
               "yes/no shown color, asserting": "yes/no naming the shown colour (\"is there a red shape?\" on red)",
@@ -20,15 +21,16 @@ def write_model_card(folder: Path, summary: dict, log=print) -> dict:
     return _write_card(folder, summary, BlipForQuestionAnswering, BlipProcessor, _render, log)
 
 
-def _write_card(folder: Path, summary: dict, model_class, processor_class, render, log) -> dict:
+def _write_card(folder: Path, summary: dict, model_class, processor_class, render, log, facts=None) -> dict:
     """Load the saved model, evaluate it on the whole easy-VQA test split (through its adapter) and write
-    card.json and README.md (`render(card)`)."""
+    card.json and README.md (`render(card)`); `facts(adapter)` adds the family's own entries."""
     folder = Path(folder)
     model = model_class.from_pretrained(str(folder)).eval()
     processor = processor_class.from_pretrained(str(folder))
     result = evaluate_model(model, processor, "test", seed=summary["recipe"]["seed"])
     card = {**summary, "test": result, "parameters": sum(p.numel() for p in model.parameters()),
-            "config": {"vision": _short(model.config.vision_config), "text": _short(model.config.text_config)}}
+            "config": {"vision": _short(model.config.vision_config), "text": _short(model.config.text_config)},
+            **(facts(adapter_class(model.config.model_type)(model, processor, folder.name)) if facts else {})}
     (folder / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     (folder / "README.md").write_text(render(card))
     log(f"test accuracy: {json.dumps(result['accuracy'])}")
@@ -185,13 +187,21 @@ def write_mllama_model_card(folder: Path, summary: dict, log=print) -> dict:
     """The tiny Llama-3.2-Vision's card: evaluate the saved model on the whole easy-VQA test split."""
     from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
-    return _write_card(folder, summary, MllamaForConditionalGeneration, MllamaProcessor, _render_mllama, log)
+    return _write_card(folder, summary, MllamaForConditionalGeneration, MllamaProcessor, _render_mllama, log,
+                       facts=_mllama_gates)
+
+
+def _mllama_gates(adapter) -> dict:
+    """Each trained gate's tanh, as `notice info --json` reports it: 0 would hide a write."""
+    return {"gates": adapter.describe()["gates"]}
 
 
 def _render_mllama(card: dict) -> str:
     vision, text, recipe = card["config"]["vision"], card["config"]["text"], card["recipe"]
     grid = vision["image_size"] // vision["patch_size"]
     cross = text["cross_attention_layers"]
+    gates = "\n".join(f"| `{site}` | {' | '.join(f'{value:.3f}' for value in writes.values())} |"
+                      for site, writes in card["gates"].items())
     self_layers = [l for l in range(text["num_hidden_layers"]) if l not in cross]
     return f"""# easyvqa-mllama: the embedded tiny Llama-3.2-Vision of notice
 
@@ -235,5 +245,13 @@ Trained in {card['train_minutes']} minutes on a shared 2-core CPU.
 | setting | value |
 |---|---|
 {_recipe_rows(card)}
+
+## Trained gates
+tanh of each gate after training (`notice info --json` reports them): the cross-attention layers' writes
+carry the image into the text; the global encoder's add to the tower's output.
+
+| layer | attention write | MLP write |
+|---|---|---|
+{gates}
 
 {_accuracy_table(card["test"], DECODER_SCORING.format(name="easyvqa-mllama"))}"""

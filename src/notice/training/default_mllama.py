@@ -13,10 +13,14 @@ prompt `<|image|><|begin_of_text|>question`, the shortest. Two seeded stages, as
      shared by its questions, with the presence probe halfway up the language model.
 The cross-attention layers' tanh gates start at zero in transformers (the text never sees the image, and
 nothing upstream of a gate gets a gradient): the recipe sets them to `gate_init` and lets them train.
+transformers' weight init also draws the global encoder's gates near zero (its layer's constructor sets
+pi/4); trained from there they stayed shut (tanh 0.06 and 0.00 after the first recipe, which set only the
+cross-attention gates), so the recipe starts them at pi/4.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +54,7 @@ class MllamaRecipe:
     lm_kv_heads: int = 2
     lm_mlp: int = 384
     gate_init: float = 0.5  # the cross-attention layers' tanh gates (transformers starts them at 0)
+    global_gate_init: float = math.pi / 4  # the global encoder's gates, as its layer's constructor sets them
     vocab_size: int = 600
     choice_per_kind: int = 2
     shown_color_per_image: int = 2
@@ -123,6 +128,9 @@ def build_model(recipe: MllamaRecipe, tokenizer):
             layer = model.model.language_model.layers[l]
             layer.cross_attn_attn_gate.fill_(recipe.gate_init)
             layer.cross_attn_mlp_gate.fill_(recipe.gate_init)
+        for layer in model.model.vision_model.global_transformer.layers:
+            layer.gate_attn.fill_(recipe.global_gate_init)
+            layer.gate_ffn.fill_(recipe.global_gate_init)
     return model
 
 
