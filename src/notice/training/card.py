@@ -254,4 +254,15 @@ carry the image into the text; the global encoder's add to the tower's output.
 |---|---|---|
 {gates}
 
-{_accuracy_table(card["test"], DECODER_SCORING.format(name="easyvqa-mllama"))}"""
+{_accuracy_table(card["test"], DECODER_SCORING.format(name="easyvqa-mllama"))}
+## What the recipe changed, and why
+Measured while developing this recipe (seed 0, one thread, shared machine):
+- The first run left the global encoder's gates where transformers' weight init draws them (near zero):
+  after training their tanh was 0.058 (attention) and -0.001 (MLP), so the global encoder hardly wrote
+  and its sites could show no effect. It answered 99.47% overall (shape 98.57%, both forms of yes/no
+  naming the shown colour 100%) after 25.8 minutes.
+- Starting those gates at pi/4 (the recipe above): the tanh values in the table above, and the accuracy
+  above.
+- In both runs stage 2's training accuracy stalled near 0.76 for its first three epochs (0.48, 0.76,
+  0.77 here), until the cross-attention path took over (0.94 after the fourth, 0.98 after the fifth).
+"""
