@@ -35,6 +35,7 @@ test: $(STAMP) $(BROWSER)
 model-card: $(STAMP)
 	$(BIN)/notice evaluate --split test --model easyvqa-blip
 	$(BIN)/notice evaluate --split test --model easyvqa-llava
+	$(BIN)/notice evaluate --split test --model easyvqa-mllama
 
 clean:
 	rm -rf $(VENV)

@@ -63,3 +63,31 @@ def test_patch_targets_mark_patches_the_object_covers_by_a_tenth():
     coverage[0, 0, 0] = 0.4  # a tenth of the top-left 2x2 patch
     coverage[0, 3, 3] = 0.3  # less than a tenth of the bottom-right one
     assert patch_targets(coverage, torch.tensor([2]), 2).tolist() == [[3, 0, 0, 0]]
+
+
+def test_mllama_recipe_trains_on_what_its_adapter_reads_and_the_image_reaches_the_loss():
+    """At toy size: the stage-2 loss is the cross-entropy of the adapter's own answer logits (the answer, then
+    end of text), and its gradient reaches the vision tower through the cross-attention gates."""
+    import numpy as np
+    from PIL import Image
+
+    from notice.models.mllama import MllamaAdapter
+    from notice.training.default_mllama import MllamaRecipe, build_model, build_processor, mllama_answer_loss
+
+    recipe = MllamaRecipe(image_size=32, hidden=32, vision_layers=2, kept_layers=(0,), heads=2, mlp=64, lm_layers=3,
+                          cross_layers=(1,), lm_heads=2, lm_kv_heads=1, lm_mlp=64)
+    question = easy_vqa.Question("what color is the shape?", "green", 0, "color")
+    processor = build_processor(recipe, [question.question, "is there a red shape?"], ["green", "red", "yes", "no"])
+    model = build_model(recipe, processor.tokenizer)
+    adapter = MllamaAdapter(model, processor, "toy")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    inputs = adapter.prepare([image], [question.question])
+    answer = adapter.answer_token_ids(question.answer)
+    logits = adapter.answer_step_logits(adapter.answer_context(inputs), torch.tensor([answer]))[0]  # [2, V]
+    expected = (F.cross_entropy(logits[:1], torch.tensor(answer))
+                + 0.5 * F.cross_entropy(logits[1:], torch.tensor([processor.tokenizer.eos_token_id])))
+
+    loss, _ = mllama_answer_loss(model, processor)(inputs.pixel_values[:, 0, 0], torch.tensor([0]), [question])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.model.vision_model.patch_embedding.weight.grad.abs().sum() > 0

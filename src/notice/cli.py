@@ -152,15 +152,17 @@ def _print_accuracy(result: dict) -> None:
 
 @app.command("train-default")
 def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (default: the embedded model's)."),
-                  family: str = typer.Option("blip", help="blip (the default model) or llava (the tiny LLaVA)."),
+                  family: str = typer.Option("blip", help="blip (the default model), llava (the tiny LLaVA) or "
+                                                          "mllama (the tiny Llama-3.2-Vision)."),
                   seed: int = typer.Option(0, help="Seed of every random choice in the recipe."),
                   threads: int = typer.Option(2, help="torch CPU threads (1 is faster on a busy machine)."),
                   eval_each_epoch: bool = typer.Option(False, help="Report test accuracy after every epoch (blip).")) -> None:
-    """Train an embedded default model (small BLIP or tiny LLaVA on easy-VQA) and write its model card."""
+    """Train an embedded model (small BLIP, tiny LLaVA or tiny Llama-3.2-Vision on easy-VQA) and write its
+    model card."""
     from notice.models import EMBEDDED
 
     with _boundary():
-        check.check_all([("--family", family, check.one_of(("blip", "llava"), "family")),
+        check.check_all([("--family", family, check.one_of(("blip", "llava", "mllama"), "family")),
                          ("--threads", threads, check.whole(1))]
                         + ([("--out", out, check.output_folder)] if out else []))
     out = out or EMBEDDED[f"easyvqa-{family}"]
@@ -170,6 +172,13 @@ def train_default(out: Optional[Path] = typer.Option(None, help="Output folder (
 
         summary = train_default_llava(out, LlavaRecipe(seed=seed, threads=threads), log=console.print)
         write_llava_model_card(out, summary, log=console.print)
+        return
+    if family == "mllama":
+        from notice.training.card import write_mllama_model_card
+        from notice.training.default_mllama import MllamaRecipe, train_default_mllama
+
+        summary = train_default_mllama(out, MllamaRecipe(seed=seed, threads=threads), log=console.print)
+        write_mllama_model_card(out, summary, log=console.print)
         return
     from notice.training.card import write_model_card
     from notice.training.default_blip import Recipe

@@ -25,7 +25,8 @@ from notice.errors import NoticeError
 from notice.models.base import ModelAdapter
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip", "easyvqa-llava": ASSETS / "easyvqa-llava"}
+EMBEDDED = {"easyvqa-blip": ASSETS / "easyvqa-blip", "easyvqa-llava": ASSETS / "easyvqa-llava",
+            "easyvqa-mllama": ASSETS / "easyvqa-mllama"}
 DEFAULT_MODEL = "easyvqa-blip"
 
 

@@ -133,46 +133,51 @@ def answer_step_logits(model, ids: list[list[int]], features: torch.Tensor, extr
     return model.lm_head(_answer_states(model, ids, features, extra)[-1])
 
 
+def pad_right(ids: list[list[int]], pad: int) -> torch.Tensor:
+    """Prompts [N, T], right-padded: a causal model never looks right, so padding changes nothing that is read."""
+    length = max(len(row) for row in ids)
+    return torch.tensor([row + [pad] * (length - len(row)) for row in ids])
+
+
+def pick_last(states: tuple[torch.Tensor, ...], ids: list[list[int]], extra: int) -> tuple[torch.Tensor, ...]:
+    """Each layer's states [N, 1 + extra, D] at each row's last `1 + extra` real positions."""
+    last = torch.tensor([len(row) - 1 - extra for row in ids])
+    picked = torch.arange(len(ids))[:, None], last[:, None] + torch.arange(1 + extra)[None]
+    return tuple(layer[picked] for layer in states)
+
+
 def _answer_states(model, ids: list[list[int]], features: torch.Tensor, extra: int = 0) -> tuple[torch.Tensor, ...]:
     """Every layer's states [N, 1 + extra, D] (the embeddings first) at each prompt's last position and the
-    `extra` positions after it.
-
-    Prompts are right-padded: a causal model never looks right, so padding changes nothing that is read."""
-    pad = model.config.text_config.pad_token_id
-    length = max(len(row) for row in ids)
-    input_ids = torch.tensor([row + [pad] * (length - len(row)) for row in ids])
+    `extra` positions after it."""
+    input_ids = pad_right(ids, model.config.text_config.pad_token_id)
     embeds = model.model.language_model.embed_tokens(input_ids)
     mask = (input_ids == model.config.image_token_id)[..., None]
     embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
     states = model.model.language_model(inputs_embeds=embeds, use_cache=False, output_hidden_states=True).hidden_states
-    last = torch.tensor([len(row) - 1 - extra for row in ids])
-    rows = last[:, None] + torch.arange(1 + extra)[None]  # [N, 1 + extra]
-    picked = torch.arange(len(ids))[:, None], rows
-    return tuple(layer[picked] for layer in states)  # the last one is the final norm's output, as lm_head reads
+    return pick_last(states, ids, extra)  # the last one is the final norm's output, as lm_head reads
 
 
-def llava_answer_loss(model, processor, probe: torch.nn.Module | None = None, presence_weight: float = 0.0):
-    """LLaVA's stage-2 forward: the next-token logits after each prompt (the answer), then </s>; the
-    presence probe reads the answer position halfway up the language model, leaving the layers above it
-    to turn presence into the answer."""
-    tokenizer = processor.tokenizer
+def next_token_answer_loss(lm_head, tokenizer, prompt_ids, answer_states, probe: torch.nn.Module | None,
+                           presence_weight: float, probe_layer: int):
+    """A decoder's stage-2 loss: the next-token logits after each prompt (the answer), then end of text; the
+    presence probe reads the answer position at `probe_layer`, leaving the layers above it to turn presence
+    into the answer. `answer_states(image_pixels, owner, rows)` runs the family's model on the teacher-forced
+    rows and returns every layer's states [N, 2, D] at the prompt's last position and the answer's."""
     ids_of: dict[str, list[int]] = {}
     answer_of: dict[str, int] = {}
     eos = tokenizer.eos_token_id
-    probe_layer = model.config.text_config.num_hidden_layers // 2
 
     def answer_loss(image_pixels: torch.Tensor, owner: torch.Tensor, questions: list[easy_vqa.Question]):
         rows, answers = [], []
         for q in questions:
             if q.question not in ids_of:
-                ids_of[q.question] = prompt_ids(processor, q.question)
+                ids_of[q.question] = prompt_ids(q.question)
             if q.answer not in answer_of:
                 answer_of[q.answer] = tokenizer(q.answer, add_special_tokens=False)["input_ids"][0]
-            rows.append(ids_of[q.question] + [answer_of[q.answer]])  # teacher-forced answer, then </s>
+            rows.append(ids_of[q.question] + [answer_of[q.answer]])  # teacher-forced answer, then end of text
             answers.append(answer_of[q.answer])
-        features = image_features(model, image_pixels)
-        states = _answer_states(model, rows, features[owner], extra=1)  # each [N, 2, D]
-        logits = model.lm_head(states[-1])  # [N, 2, V]
+        states = answer_states(image_pixels, owner, rows)  # each [N, 2, D]
+        logits = lm_head(states[-1])  # [N, 2, V]
         target = torch.tensor(answers)
         loss = F.cross_entropy(logits[:, 0], target) + 0.5 * F.cross_entropy(logits[:, 1], torch.full_like(target, eos))
         if probe is not None:
@@ -180,6 +185,16 @@ def llava_answer_loss(model, processor, probe: torch.nn.Module | None = None, pr
         return loss, int((logits[:, 0].argmax(1) == target).sum())
 
     return answer_loss
+
+
+def llava_answer_loss(model, processor, probe: torch.nn.Module | None = None, presence_weight: float = 0.0):
+    """LLaVA's stage-2 forward: the image features scattered into the <image> tokens, the presence probe
+    halfway up the language model."""
+    def answer_states(image_pixels: torch.Tensor, owner: torch.Tensor, rows: list[list[int]]):
+        return _answer_states(model, rows, image_features(model, image_pixels)[owner], extra=1)
+
+    return next_token_answer_loss(model.lm_head, processor.tokenizer, lambda q: prompt_ids(processor, q), answer_states,
+                                  probe, presence_weight, model.config.text_config.num_hidden_layers // 2)
 
 
 def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=print) -> dict:
