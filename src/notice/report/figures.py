@@ -21,8 +21,10 @@ from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from notice.io import atomic_path  # noqa: E402
+from notice.report.html import Figure  # noqa: E402
 
 DIVERGING, SEQUENTIAL = "RdBu_r", "Reds"
+ABSENT = "#d4d4d8"  # cells with no value (no such head, or a token a prompt lacks), never white as zero
 CELL_PX, MAX_WIDTH_PX = 44, 1100  # interactive cells: width of one column; wider grids fill the page
 TITLE_PX = 48  # a colour bar's three-line title
 
@@ -96,6 +98,7 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
     width = left + sum(widths) + gap * (columns - 1) + 0.25 + bar + right
     height = top + sum(heights) + above * (len(heights) - 1) + below
     fig = plt.figure(figsize=(width, height))
+    cmap = plt.get_cmap(DIVERGING if grid.diverging else SEQUENTIAL).with_extremes(bad=ABSENT)  # NaN: not measured
     y = height - top
     for r, row in enumerate(grid.rows):
         y -= heights[r]
@@ -105,7 +108,7 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
             if panel is not None:
                 ax = fig.add_axes((x / width, y / height, widths[c] / width, heights[r] / height))
                 values = panel.values.to_numpy(dtype=float)
-                image = ax.imshow(values, cmap=DIVERGING if grid.diverging else SEQUENTIAL, norm=norm, aspect="auto",
+                image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto",
                                   origin="lower", interpolation="nearest")
                 last = r == len(grid.rows) - 1
                 ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels] if last else [],
@@ -212,3 +215,58 @@ def attention_overlay(image: Image.Image, relative: np.ndarray, target: Path, he
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return target
+
+
+
+class Figures:
+    """The report's figures: each grid shown once (interactive) with its PNG/PDF linked, and the
+    overlays. The static files are drawn together at the end (`draw`), in parallel processes where
+    there are several cores: matplotlib's drawing is most of a report's time, and one figure's shares
+    nothing with another's. Paths are known when a file is asked for, so the page links them first."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.shown: list[Figure] = []
+        self.jobs: list[tuple[str, tuple]] = []
+
+    def add(self, grid: Grid, element_id: str, caption: str) -> str:
+        """The grid as an interactive figure with its static files linked; returns its HTML."""
+        stem = self.out_dir / "figures" / element_id
+        self.jobs.append(("grid", (grid, stem)))
+        figure = Figure(element_id, grid.title, caption, interactive_grid(grid, element_id),
+                        [f"figures/{element_id}{suffix}" for suffix in (".png", ".pdf")])
+        self.shown.append(figure)
+        return figure.html()
+
+    def overlay(self, image: Image.Image, relative: np.ndarray, name: str, head: str, question: str,
+                answer: str, image_kind: str = "clean") -> str:
+        """An attention overlay (`attention_overlay`) to be drawn; returns its path in the report."""
+        self.jobs.append(("overlay", (image, relative, self.out_dir / "figures" / name, head, question, answer,
+                                      image_kind)))
+        return f"figures/{name}"
+
+    def draw(self, workers: int | None = None) -> None:
+        """Draw every static file asked for; `workers` processes (default: one per usable core)."""
+        import multiprocessing
+        import os
+
+        jobs, self.jobs = self.jobs, []
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(workers or usable, len(jobs))
+        if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+            for job in jobs:
+                _draw(job)
+            return
+        from concurrent.futures import ProcessPoolExecutor
+
+        # fork: the children need only matplotlib, already imported, and start in milliseconds
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            list(pool.map(_draw, jobs))
+
+
+def _draw(job: tuple[str, tuple]) -> None:
+    kind, arguments = job
+    if kind == "grid":
+        static_grid(*arguments)
+    else:
+        attention_overlay(*arguments)
