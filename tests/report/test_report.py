@@ -281,16 +281,18 @@ def test_overlays_take_their_pairs_from_each_condition_in_turn():
     assert _varied([], 2) == []
 
 
-# three generations side by side: BLIP's text cross-attention, an image-token LM's self-attention, and a
-# language model with cross-attention on layers 1 and 2 only (self-attention on 0 and 3), as mllama's
+# three generations side by side, shaped as the tiny test models: BLIP's text cross-attention, an image-token
+# LM's self-attention, and a language model with cross-attention on layers 1 and 2 only (self-attention on 0
+# and 3), as mllama's
 FAMILY_PLANTS = {"blip": (1, 1), "llava": (0, 2), "mllama": (2, 3)}
 
 
 def family_tables() -> dict[str, pd.DataFrame]:
     conditions = lambda head: {"color/image": [head], "color/text": [head]}  # noqa: E731
     return {"blip": synthetic_table(conditions(FAMILY_PLANTS["blip"]), layers=2, heads=4, seed=1),
-            "llava": pd.concat([lm_table(conditions(FAMILY_PLANTS["llava"]), seed=2),  # noise on LLaVA only
-                                lm_table({"color/image/image_noise": [(3, 3)]}, seed=3)], ignore_index=True),
+            "llava": pd.concat([lm_table(conditions(FAMILY_PLANTS["llava"]), layers=3, heads=6, seed=2),
+                                lm_table({"color/image/image_noise": [(2, 5)]}, layers=3, heads=6, seed=3)],
+                               ignore_index=True),  # a noise baseline on LLaVA only
             "mllama": lm_table(conditions(FAMILY_PLANTS["mllama"]), cross_layers=(1, 2), seed=4)}
 
 
@@ -355,3 +357,62 @@ def test_family_comparison_sets_three_families_heads_side_by_side_with_absent_la
     tables = report["tables"]
     assert {"families_compared", "families_universal"} <= set(tables)
     assert all(f'href="{tables[name]["path"]}"' in section for name in ("families_compared", "families_universal"))
+
+
+@pytest.fixture(scope="module")
+def families_dir(tmp_path_factory, tiny_blip, tiny_llava, tiny_mllama):
+    """Three families' report: synthetic effects, head functions measured on the tiny models themselves."""
+    folder = tmp_path_factory.mktemp("families")
+    pairs = _pairs_with_masks(folder)
+    adapters = {"blip": tiny_blip, "llava": tiny_llava, "mllama": tiny_mllama}
+    models = [ModelResults(name, table, read_head_functions(write_head_functions(adapters[name], pairs,
+                                                                                folder / f"hf-{name}")), pairs)
+              for name, table in family_tables().items()]
+    make_report(models, folder / "out", "three families")
+    return folder / "out"
+
+
+def test_family_comparison_renders_in_chromium_with_a_panel_per_family_csvs_and_overlays(families_dir):
+    from selenium.webdriver.common.by import By
+
+    report = json.loads((families_dir / "report.json").read_text())
+    driver = _open_in_chromium(families_dir / "index.html")
+    try:
+        heading = driver.find_element(By.XPATH, "//h2[text()='Families compared']")
+        compared = [e.get_attribute("data-comparison") for e in driver.find_elements(By.CSS_SELECTOR, "[data-comparison]")]
+        panels = driver.execute_script(  # per trace: the panel's title, its rows as plotly drew them
+            "const plot = document.getElementById('compare-color-image-smp-heads');"
+            "return plot._fullData.map((trace, i) => ["
+            "  plot._fullLayout.annotations[i].text, Array.from(trace.z, row => Array.from(row))]);")
+        families = [e.get_attribute("data-family") for e in driver.find_elements(
+            By.XPATH, "//h2[text()='Families compared']/following-sibling::div[@class='side'][1]/div")]
+        links = {a.get_attribute("href").split("/out/")[-1] for a in driver.find_elements(By.TAG_NAME, "a")
+                 if a.get_attribute("href")}
+        overlays = [(driver.execute_script("return arguments[0].naturalWidth", figure.find_element(By.TAG_NAME, "img")),
+                     figure.find_element(By.TAG_NAME, "figcaption").text)
+                    for figure in driver.find_elements(By.CSS_SELECTOR, "[data-families] figure")]
+        heading_text = heading.text
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert not errors, errors
+    assert heading_text == "Families compared"
+    assert compared == ["color/image/smp", "color/text/str"]
+    assert [title.replace("<br>", " ") for title, _ in panels] == [
+        "blip: text cross-attention heads (n=12)", "llava: lm self-attention heads (n=12)",
+        "mllama: lm cross-attention heads (n=12)"]
+    mllama = np.array([[np.nan if v is None else v for v in row] for row in panels[2][1]], dtype=float)
+    assert mllama.shape == (4, 4) and np.isnan(mllama[[0, 3]]).all() and np.isfinite(mllama[[1, 2]]).all()
+    ranking = pd.read_csv(families_dir / "tables" / "head_ranking.csv")
+    blip = ranking[(ranking["model"] == "blip") & (ranking["condition"] == "color/image/smp")]
+    np.testing.assert_allclose(np.array(panels[0][1], dtype=float),
+                               blip.pivot(index="layer", columns="head", values="mean_abs_effect").to_numpy(), rtol=1e-6)
+    assert families == ["blip", "llava", "mllama"]
+    for name in ("families_compared", "families_universal", "families_head_functions"):
+        assert report["tables"][name]["path"] in links, name
+    functions = pd.read_csv(families_dir / "tables" / "families_head_functions.csv").set_index("model")
+    assert list(functions["heads"]) == ["text cross-attention", "lm self-attention", "lm cross-attention"]
+    assert functions.loc["mllama", "in focus"] == "L2H3"
+    assert [caption.split(":")[0] for _, caption in overlays] == ["blip", "llava", "mllama"]
+    assert all(width > 0 for width, _ in overlays)
+    assert all("on the clean image of pair" in c and "question “" in c and "answer “" in c for _, c in overlays)

@@ -453,7 +453,7 @@ def _comparison_functions(analyses: Sequence[ModelAnalysis], tables: Tables) -> 
             + tables.show("families_head_functions", pd.DataFrame(rows),
                           "per model: the head-function measures of its heads in focus and its strongest heads of "
                           "each function")
-            + (f'<div class="overlays">{"".join(overlays)}</div>' if overlays else ""))
+            + (f'<div class="overlays" data-families>{"".join(overlays)}</div>' if overlays else ""))
 
 
 def _most(measures: pd.DataFrame, column: str) -> str:
