@@ -2,7 +2,8 @@
 baseline checkout, runs interleaved in one session (never a test), and whether their tables agree.
 
 Each run is a fresh process with one torch thread that loads every model's tables (not timed) and
-then times `make_report` alone. The baseline is another source tree (e.g. `git archive main src | tar
+then times `make_report` alone: wall time, and CPU time (user + system, its drawing processes
+included), which a shared machine disturbs less. The baseline is another source tree (e.g. `git archive main src | tar
 -x -C DIR`) run by the same interpreter. The tables (CSV) both write must be equal, byte for byte;
 tables only this checkout writes are listed. Usage:
 
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -59,16 +61,24 @@ def worker(demo: Path, out: Path) -> None:
 
     torch.set_num_threads(1)
     models = [load_run(config.parent) for config in sorted(demo.glob("*/config.json"))]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu_seconds()
     make_report(models, out, "notice demo", seed=0)
-    print(json.dumps({"seconds": time.perf_counter() - started}))
+    print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": _cpu_seconds() - cpu}))
 
 
-def timed(src: Path, demo: Path, out: Path) -> float:
+def _cpu_seconds() -> float:
+    """User + system time of this process and its finished children (the report's drawing processes)."""
+    return sum(getattr(resource.getrusage(who), kind) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for kind in ("ru_utime", "ru_stime"))
+
+
+def timed(src: Path, demo: Path, out: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of one `make_report` with `src` first on the path."""
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, __file__, str(demo), "--worker", str(out)], env=env, check=True,
                           capture_output=True, text=True)
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return float(result["seconds"]), float(result["cpu_seconds"])
 
 
 def compare_tables(baseline: Path, this: Path) -> dict[str, list[str]]:
@@ -95,19 +105,24 @@ def main() -> None:
         parser.error("--baseline DIR/src is required")
     names = ("baseline", "this checkout")
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as folder:
         demo = Path(folder) / "demo"
         shutil.copytree(args.demo, demo, ignore=shutil.ignore_patterns("report"))
         for run in range(args.runs):
             for name, src in zip(names, (args.baseline, ROOT / "src")):
                 out = Path(folder) / f"{name.replace(' ', '-')}-{run}"
-                seconds[name].append(round(timed(src, demo, out), 2))
-                print(f"{name} run {run + 1}: {seconds[name][-1]:.2f} s", flush=True)
+                wall, cpu_seconds = timed(src, demo, out)
+                seconds[name].append(round(wall, 2))
+                cpu[name].append(round(cpu_seconds, 2))
+                print(f"{name} run {run + 1}: {wall:.2f} s wall, {cpu_seconds:.2f} s CPU", flush=True)
         tables = compare_tables(Path(folder) / "baseline-0", Path(folder) / "this-checkout-0")
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    medians = {kind: {name: statistics.median(values) for name, values in runs.items()}
+               for kind, runs in (("wall_s", seconds), ("cpu_s", cpu))}
     print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                      "load_average": os.getloadavg(), "seconds": seconds, "median": medians,
-                      "ratio": round(medians["this checkout"] / medians["baseline"], 2), "tables": tables}, indent=2))
+                      "load_average": os.getloadavg(), "wall_s": seconds, "cpu_s": cpu, "median": medians,
+                      "ratio": {kind: round(m["this checkout"] / m["baseline"], 2) for kind, m in medians.items()},
+                      "tables": tables}, indent=2))
 
 
 if __name__ == "__main__":

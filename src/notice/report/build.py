@@ -35,8 +35,8 @@ def focus_of(table: pd.DataFrame) -> tuple[str, str]:
     the image. Cross-attention heads where a stream has them (BLIP's text encoder, a Q-Former, a
     language model with cross-attention layers), else the language model's self-attention heads (an
     image-token LM reads the image tokens through them); read from the table alone."""
-    heads = table[table["head"].notna()]
-    present = set(zip(heads["stream"].astype(str), heads["component"].astype(str)))
+    kinds = table.loc[table["head"].notna(), ["stream", "component"]].drop_duplicates()
+    present = {(str(stream), str(component)) for stream, component in kinds.itertuples(index=False)}
     crossing = sorted(stream for stream, component in present
                       if component == "cross_attn" and stream not in NOT_IMAGE_READERS)
     if crossing:

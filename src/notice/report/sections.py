@@ -114,11 +114,27 @@ def _module_panel(means: pd.DataFrame, stream: str, component: str, title: str) 
     cells = means[(means["stream"] == stream) & (means["component"] == component)] if not means.empty else means
     if cells.empty:
         return None
-    pivot = {name: cells.pivot_table(index="layer", columns="position", values=name, aggfunc="first").sort_index()
-             for name in ("mean", "ci_low", "ci_high", "count")}
+    pivot = _by_layer(cells, "position", ("mean", "ci_low", "ci_high", "count"))
     labels = cells.drop_duplicates("position").set_index("position")["token"]
     return Panel(pivot["mean"], [str(labels[p]) for p in pivot["mean"].columns], title,
                  {"95% CI low": pivot["ci_low"], "95% CI high": pivot["ci_high"], "pairs": pivot["count"]})
+
+
+def _by_layer(frame: pd.DataFrame, columns: str, names: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Each of `names` as a layer × `columns` table (one pivot for all: the cells are unique)."""
+    wide = frame.pivot(index="layer", columns=columns, values=list(names)).sort_index()
+    return {name: wide[name] for name in names}
+
+
+def _head_panel(ranked: pd.DataFrame, title: str, layers: Sequence[int] | None = None) -> Panel:
+    """Ranked heads as a layer × head panel of mean |effect|, the rankings' statistic; with `layers`, a row
+    for each (NaN where a layer has no such heads)."""
+    pivot = _by_layer(ranked, "head", ("mean_abs_effect", "mean_effect", "ci_low", "ci_high", "samples"))
+    if layers is not None:
+        pivot = {name: values.reindex(layers) for name, values in pivot.items()}
+    return Panel(pivot["mean_abs_effect"], [str(h) for h in pivot["mean_abs_effect"].columns], title,
+                 {"signed mean": pivot["mean_effect"], "95% CI low": pivot["ci_low"], "95% CI high": pivot["ci_high"],
+                  "pairs": pivot["samples"]})
 
 
 def _head_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, figures: Figures) -> str:
@@ -129,11 +145,7 @@ def _head_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, figure
         if ranked is None or ranked.empty:
             panels.append(None)
             continue
-        pivot = {name: ranked.pivot_table(index="layer", columns="head", values=name, aggfunc="first").sort_index()
-                 for name in ("mean_abs_effect", "mean_effect", "ci_low", "ci_high", "samples")}
-        panels.append(Panel(pivot["mean_abs_effect"], [str(h) for h in pivot["mean_abs_effect"].columns],
-                            _panel_title(row), {"signed mean": pivot["mean_effect"], "95% CI low": pivot["ci_low"],
-                                                "95% CI high": pivot["ci_high"], "pairs": pivot["samples"]}))
+        panels.append(_head_panel(ranked, _panel_title(row)))
     if not any(panels):
         return ""
     stream, component = analysis.focus
@@ -355,14 +367,8 @@ def _focus_panel(analysis: ModelAnalysis, condition: str) -> Panel:
     """A model's heads in focus, layer × head over the stream's whole depth: layers without such heads
     (cross-attention on some layers only) are rows of NaN, shown as absent rather than as zero."""
     ranked = analysis.rankings[condition]
-    layers = range(analysis.layers(analysis.focus[0]))
-    pivot = {name: ranked.pivot_table(index="layer", columns="head", values=name, aggfunc="first").reindex(layers)
-             for name in ("mean_abs_effect", "mean_effect", "ci_low", "ci_high", "samples")}
-    samples = int(ranked["samples"].max())
-    return Panel(pivot["mean_abs_effect"], [str(h) for h in pivot["mean_abs_effect"].columns],
-                 f"{analysis.name}: {component_title(*analysis.focus)} heads (n={samples})",
-                 {"signed mean": pivot["mean_effect"], "95% CI low": pivot["ci_low"], "95% CI high": pivot["ci_high"],
-                  "pairs": pivot["samples"]})
+    return _head_panel(ranked, f"{analysis.name}: {component_title(*analysis.focus)} heads "
+                               f"(n={int(ranked['samples'].max())})", range(analysis.layers(analysis.focus[0])))
 
 
 def _comparison_figure(condition: str, models: Sequence[ModelAnalysis], figures: Figures) -> str:
