@@ -416,3 +416,20 @@ def test_family_comparison_renders_in_chromium_with_a_panel_per_family_csvs_and_
     assert [caption.split(":")[0] for _, caption in overlays] == ["blip", "llava", "mllama"]
     assert all(width > 0 for width, _ in overlays)
     assert all("on the clean image of pair" in c and "question “" in c and "answer “" in c for _, c in overlays)
+
+
+def test_figures_drawn_in_worker_processes_or_in_process_give_the_same_report(tmp_path, monkeypatch):
+    import notice.report.figures as figures
+
+    table = synthetic_table({"color/image": [(1, 1)]}, samples=6, layers=2, heads=4)
+    folders = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(figures, "_usable_cores", lambda cores=cores: cores)
+        folders[cores] = tmp_path / f"cores-{cores}"
+        make_report([ModelResults("tiny", table)], folders[cores], "cores")
+    assert (folders[1] / "index.html").read_text() == (folders[2] / "index.html").read_text()
+    assert "<!--notice-figure:" not in (folders[2] / "index.html").read_text()  # every placeholder filled
+    pngs = sorted(p.name for p in (folders[1] / "figures").glob("*.png"))
+    assert pngs == sorted(p.name for p in (folders[2] / "figures").glob("*.png")) and len(pngs) == 2
+    for name in pngs:
+        assert (folders[1] / "figures" / name).read_bytes() == (folders[2] / "figures" / name).read_bytes()

@@ -58,7 +58,7 @@ def condition_labels(table: pd.DataFrame) -> pd.Series:
     combos, inverse = np.unique(combined, return_inverse=True)
     labels = []
     for combo in combos:
-        parts = []
+        parts: list[str] = []
         for _, uniques in reversed(columns):
             combo, code = divmod(combo, len(uniques))
             parts.insert(0, str(uniques[code]))

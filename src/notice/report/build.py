@@ -69,6 +69,7 @@ class ModelAnalysis:
     rankings: dict[str, pd.DataFrame]  # condition → ranked heads
     universal: pd.DataFrame
     min_conditions: int | None
+    head_statistic: str = ""  # how a head's effect in one pair is read (sections.head_statistic)
     head_measures: pd.DataFrame | None = None  # per head: the head-function measures over samples
     overlays: list[tuple[str, str]] = field(default_factory=list)  # (file, caption), as the report shows them
 
@@ -96,7 +97,8 @@ def analyse(results: ModelResults, min_conditions: int | None = None, universal_
         measures = hf.summarize_head_functions(results.head_functions.table)
         measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
     return ModelAnalysis(results, focus, condition_table(table, results.selection, min_pairs), means, rankings,
-                         universal_heads(rankings, min_conditions), min_conditions, measures)
+                         universal_heads(rankings, min_conditions), min_conditions,
+                         sections.head_statistic(table, focus), measures)
 
 
 def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
@@ -112,7 +114,7 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
     rules = check_rules(rules)
     models = [replace(model, table=one_method(model.table)) for model in models]
     for model in models:
-        count = len(condition_names(model.table, *focus_of(model.table)))
+        count = len(condition_names(model.table, *focus_of(model.table))) if min_conditions is not None else 0
         if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
             raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
                               f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
@@ -130,7 +132,18 @@ def _write_report(analyses: Sequence[ModelAnalysis], out_dir: Path, title: str, 
                   rules: list[str], min_pairs: int) -> Path:
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     tables = Tables(out_dir / "tables")
-    figures = Figures(out_dir)
+    with Figures(out_dir) as figures:  # drawn by workers while the sections are built
+        report = _sections(analyses, title, top_k, overlays_per_head, rules, figures, tables)
+        report.summary, report.facts = summary(analyses, tables, min_pairs)
+        report.figures = figures.shown
+        bodies = figures.finish([section.body for section in report.sections])
+    for section, body in zip(report.sections, bodies):
+        section.body = body
+    return write_report(report, tables, out_dir)
+
+
+def _sections(analyses: Sequence[ModelAnalysis], title: str, top_k: int, overlays_per_head: int, rules: list[str],
+              figures: Figures, tables: Tables) -> Report:
     report = Report(title, "", {})
     several = len(analyses) > 1
     for analysis in analyses:
@@ -149,10 +162,7 @@ def _write_report(analyses: Sequence[ModelAnalysis], out_dir: Path, title: str, 
     if several:
         report.sections.append(sections.comparison_section(analyses, tables, figures, top_k=5))
     report.sections.append(sections.selection_section(analyses, tables))
-    report.summary, report.facts = summary(analyses, tables, min_pairs)
-    report.figures = figures.shown
-    figures.draw()
-    return write_report(report, tables, out_dir)
+    return report
 
 
 def _selection_reports(pairs_files: dict[Path, list[Pair]]) -> dict[str, dict[str, Any]]:

@@ -7,9 +7,12 @@ magnitude (a layer's output against its self-attention) each get their own colou
 
 from __future__ import annotations
 
+import re
 import textwrap
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -226,53 +229,75 @@ def attention_overlay(image: Image.Image, relative: np.ndarray, target: Path, he
 
 class Figures:
     """The report's figures: each grid shown once (interactive) with its PNG/PDF linked, and the
-    overlays. The static files are drawn together at the end (`draw`), in parallel processes where
-    there are several cores: matplotlib's drawing is most of a report's time, and one figure's shares
-    nothing with another's. Paths are known when a file is asked for, so the page links them first."""
+    overlays. Every figure is drawn in worker processes (one per usable core) from the moment it is
+    asked for, while the parent builds the rest of the report: drawing is most of a report's time, and
+    one figure's shares nothing with another's. The page holds a placeholder for each interactive
+    figure until `finish` fills it in; file paths are known at once. Use as a context manager."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, workers: int | None = None) -> None:
+        import multiprocessing
+
+        import plotly.graph_objects  # noqa: F401  (imported once here, not in every worker)
+
         self.out_dir = out_dir
         self.shown: list[Figure] = []
-        self.jobs: list[tuple[str, tuple]] = []
+        self.files: list[Future] = []
+        self.divs: dict[str, Future] = {}
+        self.workers = workers or _usable_cores()
+        self.pool: ProcessPoolExecutor | None = None
+        if self.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            # fork: the workers need only what is imported already, and start in milliseconds
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+
+    def __enter__(self) -> Figures:
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def _submit(self, function: Callable[..., Any], *arguments: Any) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(function, *arguments)
+        done: Future = Future()  # one core: draw here and now
+        done.set_result(function(*arguments))
+        return done
 
     def add(self, grid: Grid, element_id: str, caption: str) -> str:
         """The grid as an interactive figure with its static files linked; returns its HTML."""
-        stem = self.out_dir / "figures" / element_id
-        self.jobs.append(("grid", (grid, stem)))
-        figure = Figure(element_id, grid.title, caption, interactive_grid(grid, element_id),
+        self.files.append(self._submit(static_grid, grid, self.out_dir / "figures" / element_id))
+        self.divs[element_id] = self._submit(interactive_grid, grid, element_id)
+        figure = Figure(element_id, grid.title, caption, _placeholder(element_id),
                         [f"figures/{element_id}{suffix}" for suffix in (".png", ".pdf")])
         self.shown.append(figure)
         return figure.html()
 
     def overlay(self, image: Image.Image, relative: np.ndarray, name: str, head: str, question: str,
                 answer: str, image_kind: str = "clean") -> str:
-        """An attention overlay (`attention_overlay`) to be drawn; returns its path in the report."""
-        self.jobs.append(("overlay", (image, relative, self.out_dir / "figures" / name, head, question, answer,
-                                      image_kind)))
+        """An attention overlay (`attention_overlay`); returns its path in the report."""
+        self.files.append(self._submit(attention_overlay, image, relative, self.out_dir / "figures" / name, head,
+                                       question, answer, image_kind))
         return f"figures/{name}"
 
-    def draw(self, workers: int | None = None) -> None:
-        """Draw every static file asked for; `workers` processes (default: one per usable core)."""
-        import multiprocessing
-        import os
-
-        jobs, self.jobs = self.jobs, []
-        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(workers or usable, len(jobs))
-        if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-            for job in jobs:
-                _draw(job)
-            return
-        from concurrent.futures import ProcessPoolExecutor
-
-        # fork: the children need only matplotlib, already imported, and start in milliseconds
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            list(pool.map(_draw, jobs))
+    def finish(self, pages: Sequence[str]) -> list[str]:
+        """Wait for every figure (a worker's error is raised here); returns `pages` (HTML) with the
+        interactive figures in place of their placeholders."""
+        for file in self.files:
+            file.result()
+        divs = {element_id: div.result() for element_id, div in self.divs.items()}
+        for figure in self.shown:
+            figure.div = divs[figure.element_id]
+        return [re.sub(PLACEHOLDER, lambda match: divs[match.group(1)], page) for page in pages]
 
 
-def _draw(job: tuple[str, tuple]) -> None:
-    kind, arguments = job
-    if kind == "grid":
-        static_grid(*arguments)
-    else:
-        attention_overlay(*arguments)
+PLACEHOLDER = r"<!--notice-figure:([^>]*?)-->"
+
+
+def _placeholder(element_id: str) -> str:
+    return f"<!--notice-figure:{element_id}-->"
+
+
+def _usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -153,7 +153,7 @@ def _head_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, figure
                 f"{component_title(stream, component)} heads", [panels], ["heads"], "head",
                 "mean |normalized effect|", diverging=False)
     caption = (f"Each cell: one {component_title(stream, component)} head's mean over the condition's pairs of "
-               f"|normalized effect| {_head_statistic(analysis)}: the statistic the rankings below sort by (the signed "
+               f"|normalized effect| {analysis.head_statistic}: the statistic the rankings below sort by (the signed "
                "mean is on hover). "
                f"One colour scale for all panels, 0 to {grid.bound(0):.3g}.")
     return figures.add(grid, f"{stem}-heads", caption)
@@ -376,17 +376,16 @@ def _comparison_figure(condition: str, models: Sequence[ModelAnalysis], figures:
                 [[_focus_panel(analysis, condition) for analysis in models]], ["heads"], "head",
                 "mean |normalized effect|", diverging=False)
     caption = (f"One panel per model. Each cell: one head's mean over the condition's pairs of |normalized effect| "
-               f"({'; '.join(f'{a.name}: {_head_statistic(a)}' for a in models)}), the statistic the rankings sort "
+               f"({'; '.join(f'{a.name}: {a.head_statistic}' for a in models)}), the statistic the rankings sort "
                f"by (the signed mean is on hover). One colour scale for all panels, 0 to {grid.bound(0):.3g}. Rows "
                "run over each stream's whole depth: a layer without such heads (a language model's cross-attention "
                "sits on some layers only) is left blank (grey in the PNG/PDF), absent rather than zero.")
     return figures.add(grid, slug(f"compare-{condition}-heads"), caption)
 
 
-def _head_statistic(analysis: ModelAnalysis) -> str:
+def head_statistic(table: pd.DataFrame, focus: tuple[str, str]) -> str:
     """How a head's effect in one pair is read: patched at every position, or its strongest token's."""
-    stream, component = analysis.focus
-    table = analysis.results.table
+    stream, component = focus
     heads = table[(table["stream"] == stream) & (table["component"] == component) & table["head"].notna()]
     return ("patched at every position at once" if heads["position"].isna().any()
             else "at the token where it is largest for that pair")
