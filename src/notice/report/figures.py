@@ -118,8 +118,11 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
                 image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto",
                                   origin="lower", interpolation="nearest")
                 last = r == len(grid.rows) - 1
-                ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels] if last else [],
-                              rotation=90, fontsize=7)
+                if last:  # rows above show no labels: no ticks to lay out either
+                    ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels], rotation=90,
+                                  fontsize=7)
+                else:
+                    ax.set_xticks([])
                 ax.set_yticks(range(values.shape[0]), [str(i) for i in panel.values.index], fontsize=7)
                 ax.tick_params(length=0)  # cells are labelled: tick marks would only cost drawing time
                 if last and grid.xlabel:
