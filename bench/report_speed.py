@@ -7,7 +7,7 @@ included), which a shared machine disturbs less. The baseline is another source 
 -x -C DIR`) run by the same interpreter. The tables (CSV) both write must be equal, byte for byte;
 tables only this checkout writes are listed. Usage:
 
-    python bench/report_speed.py DEMO_FOLDER --baseline DIR/src --runs 3
+    python bench/report_speed.py DEMO_FOLDER --baseline DIR/src --runs 3 [--again blip]
 """
 
 from __future__ import annotations
@@ -54,13 +54,15 @@ def load_run(folder: Path):
                         pairs, _selection_reports(pairs_files))
 
 
-def worker(demo: Path, out: Path) -> None:
+def worker(demo: Path, out: Path, again: str | None) -> None:
     import torch
 
     from notice.report.build import make_report
 
     torch.set_num_threads(1)
     models = [load_run(config.parent) for config in sorted(demo.glob("*/config.json"))]
+    if again:  # a stand-in for one more family: that run's tables once more under another name
+        models.append(dataclasses.replace(load_run(demo / again), name=f"{again}-again"))
     started, cpu = time.perf_counter(), _cpu_seconds()
     make_report(models, out, "notice demo", seed=0)
     print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": _cpu_seconds() - cpu}))
@@ -72,11 +74,11 @@ def _cpu_seconds() -> float:
                for kind in ("ru_utime", "ru_stime"))
 
 
-def timed(src: Path, demo: Path, out: Path) -> tuple[float, float]:
+def timed(src: Path, demo: Path, out: Path, again: str | None) -> tuple[float, float]:
     """Wall and CPU seconds of one `make_report` with `src` first on the path."""
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, __file__, str(demo), "--worker", str(out)], env=env, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, str(demo), "--worker", str(out)]
+                          + (["--again", again] if again else []), env=env, check=True, capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return float(result["seconds"]), float(result["cpu_seconds"])
 
@@ -97,10 +99,12 @@ def main() -> None:
     parser.add_argument("demo", type=Path, help="a finished `notice demo` folder (one run folder per family)")
     parser.add_argument("--baseline", type=Path, help="the baseline's src folder")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--again", help="a family's run folder (e.g. blip) reported once more under another name: "
+                                            "a stand-in for a third family of the same size")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
-        return worker(args.demo, args.worker)
+        return worker(args.demo, args.worker, args.again)
     if args.baseline is None:
         parser.error("--baseline DIR/src is required")
     names = ("baseline", "this checkout")
@@ -112,7 +116,7 @@ def main() -> None:
         for run in range(args.runs):
             for name, src in zip(names, (args.baseline, ROOT / "src")):
                 out = Path(folder) / f"{name.replace(' ', '-')}-{run}"
-                wall, cpu_seconds = timed(src, demo, out)
+                wall, cpu_seconds = timed(src, demo, out, args.again)
                 seconds[name].append(round(wall, 2))
                 cpu[name].append(round(cpu_seconds, 2))
                 print(f"{name} run {run + 1}: {wall:.2f} s wall, {cpu_seconds:.2f} s CPU", flush=True)
