@@ -115,8 +115,7 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
             if panel is not None:
                 ax = fig.add_axes((x / width, y / height, widths[c] / width, heights[r] / height))
                 values = panel.values.to_numpy(dtype=float)
-                image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto",
-                                  origin="lower", interpolation="nearest")
+                image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", origin="lower", interpolation="nearest")
                 last = r == len(grid.rows) - 1
                 if last:  # rows above show no labels: no ticks to lay out either
                     ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels], rotation=90,
@@ -227,7 +226,6 @@ def attention_overlay(image: Image.Image, relative: np.ndarray, target: Path, he
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return target
-
 
 
 class Figures:
