@@ -41,3 +41,11 @@ def tiny_llava(tiny_llava_dir):
     from notice.models import load_model
 
     return load_model(str(tiny_llava_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama(tmp_path_factory):
+    """A tiny random-init Llama-3.2-Vision: cross-attention on language-model layers 1 and 2 only."""
+    from notice.models import load_model
+
+    return load_model(str(helpers.save_mllama(tmp_path_factory.mktemp("tiny-mllama"), instruct=False)))

@@ -38,3 +38,14 @@ def synthetic_table(planted: dict[str, list[tuple[int, int]]], samples: int = 12
                                          normalized_effect=(0.8 if big else 0.0) + rng.normal(0, 0.02),
                                          flags=""))
     return pd.DataFrame(rows).astype({"head": "Int64", "position": "Int64"})
+
+
+def lm_table(planted: dict[str, list[tuple[int, int]]], cross_layers: tuple[int, ...] = (), samples: int = 12,
+             layers: int = 4, heads: int = 4, seed: int = 0) -> pd.DataFrame:
+    """A language model's table (stream `lm`): self-attention heads and modules on every layer, as an
+    image-token LM's; with `cross_layers`, cross-attention on those layers instead, as Llama-3.2-Vision's
+    (whose cross-attention layers have no self-attention)."""
+    table = synthetic_table(planted, samples, layers, heads, seed=seed).assign(stream="lm")
+    self_attn = (table["component"] == "cross_attn") & ~table["layer"].isin(cross_layers)
+    table.loc[self_attn, "component"] = "self_attn"
+    return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -16,8 +17,8 @@ import helpers
 from notice.analysis.head_functions import read_head_functions, write_head_functions
 from notice.errors import NoticeError
 from notice.pairs import Pair
-from notice.report.build import ModelResults, make_report
-from results_fixtures import synthetic_table
+from notice.report.build import ModelResults, focus_of, make_report
+from results_fixtures import lm_table, synthetic_table
 
 
 def _pairs_with_masks(folder: Path, count: int = 2) -> list[Pair]:
@@ -150,10 +151,10 @@ def test_overlays_name_the_image_question_answer_and_head(report_dir):
     assert all((report_dir / "figures" / name).is_file() for name in re.findall(r'src="figures/([^"]+)"', captions))
 
 
-def test_report_renders_in_headless_chromium_with_summary_conditions_figures_and_tables(report_dir, tmp_path):
+def _open_in_chromium(page: Path):
+    """Headless chromium on `page`, once every plot and image is drawn; the caller quits the driver."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver_path = shutil.which("chromedriver")
@@ -163,16 +164,27 @@ def test_report_renders_in_headless_chromium_with_summary_conditions_figures_and
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    report = json.loads((report_dir / "report.json").read_text())
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
-        driver.get((report_dir / "index.html").resolve().as_uri())
+        driver.get(page.resolve().as_uri())
         # plotly draws after the page loads: wait for every plot and image rather than racing them
         WebDriverWait(driver, 60).until(lambda d: d.execute_script(
             "return document.readyState === 'complete' && [...document.images].every(i => i.complete)"
             " && document.querySelectorAll('div.js-plotly-plot .main-svg').length > 0"
             " && document.querySelectorAll('figure.plot div.js-plotly-plot').length"
             " === document.querySelectorAll('figure.plot').length"))
+    except BaseException:
+        driver.quit()
+        raise
+    return driver
+
+
+def test_report_renders_in_headless_chromium_with_summary_conditions_figures_and_tables(report_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    report = json.loads((report_dir / "report.json").read_text())
+    driver = _open_in_chromium(report_dir / "index.html")
+    try:
         summary = driver.find_element(By.ID, "summary")
         summary_text = summary.text
         summary_top = summary.location["y"]
@@ -267,3 +279,157 @@ def test_overlays_take_their_pairs_from_each_condition_in_turn():
     pairs = [pair("s0", "image_smp"), pair("s1", "image_smp"), pair("s2", "image_smp"), pair("n0", "image_noise")]
     assert _varied(pairs, 2) == ["s0", "n0"] and _varied(pairs, 3) == ["s0", "n0", "s1"]
     assert _varied([], 2) == []
+
+
+# three generations side by side, shaped as the tiny test models: BLIP's text cross-attention, an image-token
+# LM's self-attention, and a language model with cross-attention on layers 1 and 2 only (self-attention on 0
+# and 3), as mllama's
+FAMILY_PLANTS = {"blip": (1, 1), "llava": (0, 2), "mllama": (2, 3)}
+
+
+def family_tables() -> dict[str, pd.DataFrame]:
+    conditions = lambda head: {"color/image": [head], "color/text": [head]}  # noqa: E731
+    return {"blip": synthetic_table(conditions(FAMILY_PLANTS["blip"]), layers=2, heads=4, seed=1),
+            "llava": pd.concat([lm_table(conditions(FAMILY_PLANTS["llava"]), layers=3, heads=6, seed=2),
+                                lm_table({"color/image/image_noise": [(2, 5)]}, layers=3, heads=6, seed=3)],
+                               ignore_index=True),  # a noise baseline on LLaVA only
+            "mllama": lm_table(conditions(FAMILY_PLANTS["mllama"]), cross_layers=(1, 2), seed=4)}
+
+
+def test_heads_in_focus_are_where_each_family_meets_the_image_read_from_the_table():
+    tables = family_tables()
+    assert focus_of(tables["blip"]) == ("text", "cross_attn")
+    assert focus_of(tables["llava"]) == ("lm", "self_attn")
+    assert focus_of(tables["mllama"]) == ("lm", "cross_attn")  # though self-attention heads are patched too
+    qformer = tables["blip"].assign(stream="qformer")
+    both = pd.concat([qformer, tables["llava"]], ignore_index=True)  # BLIP-2: Q-Former cross-attention, LM self
+    assert focus_of(both) == ("qformer", "cross_attn")
+    decoder = tables["blip"].assign(stream="decoder")  # BLIP's answer decoder cross-attends the text, not the image
+    assert focus_of(pd.concat([decoder, tables["llava"]], ignore_index=True)) == ("lm", "self_attn")
+
+
+def test_family_comparison_sets_three_families_heads_side_by_side_with_absent_layers_blank(tmp_path):
+    from notice.report.build import analyse
+    from notice.report.sections import _focus_panel
+
+    models = [ModelResults(name, table) for name, table in family_tables().items()]
+    make_report(models, tmp_path / "out", "three families")
+    out = tmp_path / "out"
+    page = (out / "index.html").read_text()
+    section = html.unescape(page[page.index(">Families compared</h2>"):page.index(">Selection counts</h2>")])
+    # the shared conditions are compared; the noise baseline only LLaVA has is named, not compared
+    assert re.findall(r'data-comparison="([^"]+)"', section) == ["color/image/smp", "color/text/str"]
+    assert "in one model only, not compared: color/image/noise" in section
+    report = json.loads((out / "report.json").read_text())
+    compared = [f for f in report["figures"] if f["id"].startswith("compare-")]
+    assert [f["id"] for f in compared] == ["compare-color-image-smp-heads", "compare-color-text-str-heads"]
+    assert "absent rather than zero" in compared[0]["caption"] and "mean over the condition's pairs" in compared[0]["caption"]
+    for figure in compared:
+        assert all((out / f).stat().st_size > 1000 for f in figure["files"])
+    # one panel per model, titled with its head kind, each on the model's whole depth
+    analyses = [analyse(model) for model in models]
+    panels = [_focus_panel(a, "color/image/smp") for a in analyses]
+    assert [p.title for p in panels] == ["blip: text cross-attention heads (n=12)",
+                                         "llava: lm self-attention heads (n=12)",
+                                         "mllama: lm cross-attention heads (n=12)"]
+    mllama = panels[2].values
+    assert list(mllama.index) == [0, 1, 2, 3]
+    assert mllama.loc[[0, 3]].isna().all().all() and mllama.loc[[1, 2]].notna().all().all()  # absent, not zero
+    assert panels[1].values.notna().all().all()
+    # each model's strongest heads with intervals, as CSV; the planted head leads each
+    top = pd.read_csv(out / "tables" / "families_compared.csv")
+    leaders = top[top["rank"] == 1].set_index(["condition", "model"])
+    for name, (layer, head) in FAMILY_PLANTS.items():
+        for condition in ("color/image/smp", "color/text/str"):
+            assert tuple(leaders.loc[(condition, name), ["layer", "head"]]) == (layer, head)
+    assert (top["ci_low"] <= top["mean_abs_effect"]).all() and (top["mean_abs_effect"] <= top["ci_high"]).all()
+    assert set(top.groupby("model")["heads"].first().items()) == {
+        ("blip", "text cross-attention"), ("llava", "lm self-attention"), ("mllama", "lm cross-attention")}
+    # one sentence per condition from the numbers: where the strongest heads sit in each depth
+    assert ("In color/image/smp the strongest head (mean |effect| [95% CI]) of blip's (text cross-attention) is "
+            "L1H1 in layer 1 of 0–1") in section
+    assert "mllama's (lm cross-attention) is L2H3 in layer 2 of 0–3" in section
+    assert "relative depth 0.00 for llava up to 1.00 for blip" in section
+    universal = pd.read_csv(out / "tables" / "families_universal.csv", keep_default_na=False).set_index("model")
+    assert universal.loc["blip", "important (2σ) in ≥ k"] == "L1H1"
+    assert universal.loc["mllama", "important (2σ) in ≥ k"] == "L2H3"
+    assert universal.loc["llava", "conditions"] == 3  # its noise baseline counts for its own universality
+    tables = report["tables"]
+    assert {"families_compared", "families_universal"} <= set(tables)
+    assert all(f'href="{tables[name]["path"]}"' in section for name in ("families_compared", "families_universal"))
+
+
+@pytest.fixture(scope="module")
+def families_dir(tmp_path_factory, tiny_blip, tiny_llava, tiny_mllama):
+    """Three families' report: synthetic effects, head functions measured on the tiny models themselves."""
+    folder = tmp_path_factory.mktemp("families")
+    pairs = _pairs_with_masks(folder)
+    adapters = {"blip": tiny_blip, "llava": tiny_llava, "mllama": tiny_mllama}
+    models = [ModelResults(name, table, read_head_functions(write_head_functions(adapters[name], pairs,
+                                                                                folder / f"hf-{name}")), pairs)
+              for name, table in family_tables().items()]
+    make_report(models, folder / "out", "three families")
+    return folder / "out"
+
+
+def test_family_comparison_renders_in_chromium_with_a_panel_per_family_csvs_and_overlays(families_dir):
+    from selenium.webdriver.common.by import By
+
+    report = json.loads((families_dir / "report.json").read_text())
+    driver = _open_in_chromium(families_dir / "index.html")
+    try:
+        heading = driver.find_element(By.XPATH, "//h2[text()='Families compared']")
+        compared = [e.get_attribute("data-comparison") for e in driver.find_elements(By.CSS_SELECTOR, "[data-comparison]")]
+        panels = driver.execute_script(  # per trace: the panel's title, its rows as plotly drew them
+            "const plot = document.getElementById('compare-color-image-smp-heads');"
+            "return plot._fullData.map((trace, i) => ["
+            "  plot._fullLayout.annotations[i].text, Array.from(trace.z, row => Array.from(row))]);")
+        families = [e.get_attribute("data-family") for e in driver.find_elements(
+            By.XPATH, "//h2[text()='Families compared']/following-sibling::div[@class='side'][1]/div")]
+        links = {a.get_attribute("href").split("/out/")[-1] for a in driver.find_elements(By.TAG_NAME, "a")
+                 if a.get_attribute("href")}
+        overlays = [(driver.execute_script("return arguments[0].naturalWidth", figure.find_element(By.TAG_NAME, "img")),
+                     figure.find_element(By.TAG_NAME, "figcaption").text)
+                    for figure in driver.find_elements(By.CSS_SELECTOR, "[data-families] figure")]
+        heading_text = heading.text
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert not errors, errors
+    assert heading_text == "Families compared"
+    assert compared == ["color/image/smp", "color/text/str"]
+    assert [title.replace("<br>", " ") for title, _ in panels] == [
+        "blip: text cross-attention heads (n=12)", "llava: lm self-attention heads (n=12)",
+        "mllama: lm cross-attention heads (n=12)"]
+    mllama = np.array([[np.nan if v is None else v for v in row] for row in panels[2][1]], dtype=float)
+    assert mllama.shape == (4, 4) and np.isnan(mllama[[0, 3]]).all() and np.isfinite(mllama[[1, 2]]).all()
+    ranking = pd.read_csv(families_dir / "tables" / "head_ranking.csv")
+    blip = ranking[(ranking["model"] == "blip") & (ranking["condition"] == "color/image/smp")]
+    np.testing.assert_allclose(np.array(panels[0][1], dtype=float),
+                               blip.pivot(index="layer", columns="head", values="mean_abs_effect").to_numpy(), rtol=1e-6)
+    assert families == ["blip", "llava", "mllama"]
+    for name in ("families_compared", "families_universal", "families_head_functions"):
+        assert report["tables"][name]["path"] in links, name
+    functions = pd.read_csv(families_dir / "tables" / "families_head_functions.csv").set_index("model")
+    assert list(functions["heads"]) == ["text cross-attention", "lm self-attention", "lm cross-attention"]
+    assert functions.loc["mllama", "in focus"] == "L2H3"
+    assert [caption.split(":")[0] for _, caption in overlays] == ["blip", "llava", "mllama"]
+    assert all(width > 0 for width, _ in overlays)
+    assert all("on the clean image of pair" in c and "question “" in c and "answer “" in c for _, c in overlays)
+
+
+def test_figures_drawn_in_worker_processes_or_in_process_give_the_same_report(tmp_path, monkeypatch):
+    import notice.report.figures as figures
+
+    table = synthetic_table({"color/image": [(1, 1)]}, samples=6, layers=2, heads=4)
+    folders = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(figures, "_usable_cores", lambda cores=cores: cores)
+        folders[cores] = tmp_path / f"cores-{cores}"
+        make_report([ModelResults("tiny", table)], folders[cores], "cores")
+    assert (folders[1] / "index.html").read_text() == (folders[2] / "index.html").read_text()
+    assert "<!--notice-figure:" not in (folders[2] / "index.html").read_text()  # every placeholder filled
+    pngs = sorted(p.name for p in (folders[1] / "figures").glob("*.png"))
+    assert pngs == sorted(p.name for p in (folders[2] / "figures").glob("*.png")) and len(pngs) == 2
+    for name in pngs:
+        assert (folders[1] / "figures" / name).read_bytes() == (folders[2] / "figures" / name).read_bytes()

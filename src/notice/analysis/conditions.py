@@ -50,10 +50,21 @@ def condition_labels(table: pd.DataFrame) -> pd.Series:
     """Each row's condition (`condition_label`); the direction joins the label only where the table
     holds both, since p(correct) and the effect read differently in the two."""
     with_direction = table["direction"].nunique() > 1
-    codes, keys = pd.factorize(pd.MultiIndex.from_frame(table[KEYS].astype(str)))
-    labels = [condition_label(task, modality, corruption, direction if with_direction else None)
-              for task, modality, corruption, direction in keys]
-    return pd.Series([labels[code] for code in codes], index=table.index, dtype=object)
+    # each key column factorized alone, then their code combinations: far cheaper than a MultiIndex of strings
+    columns = [pd.factorize(table[key].astype(str)) for key in KEYS]
+    combined = np.zeros(len(table), dtype=np.int64)
+    for codes, uniques in columns:
+        combined = combined * len(uniques) + codes
+    combos, inverse = np.unique(combined, return_inverse=True)
+    labels = []
+    for combo in combos:
+        parts: list[str] = []
+        for _, uniques in reversed(columns):
+            combo, code = divmod(combo, len(uniques))
+            parts.insert(0, str(uniques[code]))
+        task, modality, corruption, direction = parts
+        labels.append(condition_label(task, modality, corruption, direction if with_direction else None))
+    return pd.Series(np.array(labels, dtype=object)[inverse], index=table.index, dtype=object)
 
 
 def condition_title(corruption: str) -> str:

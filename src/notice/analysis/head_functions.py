@@ -61,7 +61,8 @@ def collect(adapter, pairs: Sequence[Pair], outlier_sigmas: float = 2.0) -> tupl
     samples, facts = [], {}
     for pair in pairs:
         seen = adapter.image_attention(load_image(pair.clean_image), pair.clean_prompt, pair.correct)
-        facts = {"stream": seen.stream, "component": seen.component, "grid": list(seen.grid), "model": adapter.name}
+        facts = {"stream": seen.stream, "component": seen.component, "model": adapter.name,
+                 "grid": [int(n) for n in seen.grid]}  # plain ints for JSON, whatever integer type the family gives
         norms = seen.image_states.norm(dim=-1).cpu().numpy()
         mask_path = pair.metadata.get("clean_mask")
         mask = patch_mask(Image.open(mask_path), seen.grid) if mask_path and Path(mask_path).is_file() else None

@@ -14,30 +14,36 @@ import pandas as pd
 
 from notice.analysis import head_functions as hf
 from notice.analysis.conditions import MIN_PAIRS, condition_labels, condition_table
-from notice.analysis.heads import module_means, one_method
+from notice.analysis.heads import head_name, module_means, one_method
 from notice.analysis.paper_rule import PAPER_RULES, answer_records, check_rules
 from notice.analysis.universal import condition_names, rank_by_condition, universal_heads
 from notice.errors import NoticeError
 from notice.io import staged_folder
 from notice.pairs import Pair
 from notice.report import sections
+from notice.report.figures import Figures
 from notice.report.html import Report, Tables, write_report
 from notice.report.rules import rule_section
 from notice.report.summary import summary
 
-# Where each family's heads meet the image: BLIP's text encoder cross-attends it, LLaVA's
-# language model self-attends the image tokens.
-HEAD_FOCUS = (("text", "cross_attn"), ("lm", "self_attn"))
+# The answer decoder's cross-attention (BLIP's `decoder`) reads the text encoder's output, not the image.
+NOT_IMAGE_READERS = ("decoder",)
 
 
 def focus_of(table: pd.DataFrame) -> tuple[str, str]:
-    """The (stream, attention component) whose heads a table's analysis centres on."""
-    heads = table[table["head"].notna()]
-    present = set(zip(heads["stream"], heads["component"]))
-    for focus in HEAD_FOCUS:
-        if focus in present:
-            return focus
-    return sorted(present)[0] if present else HEAD_FOCUS[0]
+    """The (stream, attention component) whose heads a table's analysis centres on: where text meets
+    the image. Cross-attention heads where a stream has them (BLIP's text encoder, a Q-Former, a
+    language model with cross-attention layers), else the language model's self-attention heads (an
+    image-token LM reads the image tokens through them); read from the table alone."""
+    kinds = table.loc[table["head"].notna(), ["stream", "component"]].drop_duplicates()
+    present = {(str(stream), str(component)) for stream, component in kinds.itertuples(index=False)}
+    crossing = sorted(stream for stream, component in present
+                      if component == "cross_attn" and stream not in NOT_IMAGE_READERS)
+    if crossing:
+        return crossing[0], "cross_attn"
+    if ("lm", "self_attn") in present:
+        return "lm", "self_attn"
+    return sorted(present)[0] if present else ("text", "cross_attn")
 
 
 @dataclass
@@ -63,6 +69,9 @@ class ModelAnalysis:
     rankings: dict[str, pd.DataFrame]  # condition → ranked heads
     universal: pd.DataFrame
     min_conditions: int | None
+    head_statistic: str = ""  # how a head's effect in one pair is read (sections.head_statistic)
+    head_measures: pd.DataFrame | None = None  # per head: the head-function measures over samples
+    overlays: list[tuple[str, str]] = field(default_factory=list)  # (file, caption), as the report shows them
 
     @property
     def name(self) -> str:
@@ -83,8 +92,13 @@ def analyse(results: ModelResults, min_conditions: int | None = None, universal_
         frames = [module_means(rows, stream, seed=seed).assign(stream=stream) for stream in streams]
         means[str(condition)] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     rankings = rank_by_condition(table, *focus, top_k=universal_top_k, seed=seed)
+    measures = None
+    if results.head_functions is not None:
+        measures = hf.summarize_head_functions(results.head_functions.table)
+        measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
     return ModelAnalysis(results, focus, condition_table(table, results.selection, min_pairs), means, rankings,
-                         universal_heads(rankings, min_conditions), min_conditions)
+                         universal_heads(rankings, min_conditions), min_conditions,
+                         sections.head_statistic(table, focus), measures)
 
 
 def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_conditions: int | None = None,
@@ -100,7 +114,7 @@ def make_report(models: Sequence[ModelResults], out_dir: Path, title: str, min_c
     rules = check_rules(rules)
     models = [replace(model, table=one_method(model.table)) for model in models]
     for model in models:
-        count = len(condition_names(model.table, *focus_of(model.table)))
+        count = len(condition_names(model.table, *focus_of(model.table))) if min_conditions is not None else 0
         if min_conditions is not None and not 1 <= min_conditions <= max(count, 1):
             raise NoticeError(f"min_conditions {min_conditions} is not within the {count} condition(s) with heads in "
                               f"the results of {model.name}: use 1..{max(count, 1)}, or leave it out for all")
@@ -118,13 +132,24 @@ def _write_report(analyses: Sequence[ModelAnalysis], out_dir: Path, title: str, 
                   rules: list[str], min_pairs: int) -> Path:
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     tables = Tables(out_dir / "tables")
+    with Figures(out_dir) as figures:  # drawn by workers while the sections are built
+        report = _sections(analyses, title, top_k, overlays_per_head, rules, figures, tables)
+        report.summary, report.facts = summary(analyses, tables, min_pairs)
+        report.figures = figures.shown
+        bodies = figures.finish([section.body for section in report.sections])
+    for section, body in zip(report.sections, bodies):
+        section.body = body
+    return write_report(report, tables, out_dir)
+
+
+def _sections(analyses: Sequence[ModelAnalysis], title: str, top_k: int, overlays_per_head: int, rules: list[str],
+              figures: Figures, tables: Tables) -> Report:
     report = Report(title, "", {})
     several = len(analyses) > 1
     for analysis in analyses:
         prefix = f"{analysis.name}: " if several else ""
         for task in sorted(set(analysis.conditions["task"])):
-            report.sections.append(sections.task_section(analysis, task, tables, report.figures, out_dir, top_k,
-                                                         prefix))
+            report.sections.append(sections.task_section(analysis, task, tables, figures, top_k, prefix))
         report.sections.append(sections.universal_section(analysis, tables, prefix))
         if rules != ["default"]:
             report.sections.append(rule_section(analysis.results.table, answer_records(analysis.results.pairs),
@@ -132,13 +157,12 @@ def _write_report(analyses: Sequence[ModelAnalysis], out_dir: Path, title: str, 
                                                 analysis.min_conditions, prefix,
                                                 sections.slug(prefix) + "-" if prefix else ""))
         if analysis.results.head_functions is not None:
-            report.sections.append(sections.head_function_section(analysis, tables, out_dir, overlays_per_head,
+            report.sections.append(sections.head_function_section(analysis, tables, figures, overlays_per_head,
                                                                   prefix))
     if several:
-        report.sections.append(sections.comparison_section(analyses, tables, top_k=5))
+        report.sections.append(sections.comparison_section(analyses, tables, figures, top_k=5))
     report.sections.append(sections.selection_section(analyses, tables))
-    report.summary, report.facts = summary(analyses, tables, min_pairs)
-    return write_report(report, tables, out_dir)
+    return report
 
 
 def _selection_reports(pairs_files: dict[Path, list[Pair]]) -> dict[str, dict[str, Any]]:

@@ -7,9 +7,12 @@ magnitude (a layer's output against its self-attention) each get their own colou
 
 from __future__ import annotations
 
+import re
 import textwrap
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -21,8 +24,10 @@ from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from notice.io import atomic_path  # noqa: E402
+from notice.report.html import Figure  # noqa: E402
 
 DIVERGING, SEQUENTIAL = "RdBu_r", "Reds"
+ABSENT = "#d4d4d8"  # cells with no value (no such head, or a token a prompt lacks), never white as zero
 CELL_PX, MAX_WIDTH_PX = 44, 1100  # interactive cells: width of one column; wider grids fill the page
 TITLE_PX = 48  # a colour bar's three-line title
 
@@ -91,11 +96,16 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
     columns = grid.columns()
     widths = [0.26 * max(len(grid.column_labels(c)), 1) + 0.4 for c in range(columns)]
     heights = [0.26 * h + 0.2 for h in grid.heights()]
-    left, gap, bar, right, top, above = 1.1, 0.45, 0.15, 0.8, 0.75, 0.15
+    left, gap, bar, right, above = 1.1, 0.45, 0.15, 0.8, 0.15
     below = 0.35 + 0.065 * min(grid.longest_label(), 24)  # rotated tick labels under the last row
     width = left + sum(widths) + gap * (columns - 1) + 0.25 + bar + right
+    title = textwrap.fill(grid.title, int(width * 12))
+    panel_titles = [textwrap.fill(grid.column_title(c), int(widths[c] * 13) + 8) for c in range(columns)]
+    # room above the panels for the title and the longest panel title, in lines of 10 and 8 points
+    top = 0.2 + 0.19 * (title.count("\n") + 1) + 0.15 * max((t.count("\n") + 1 for t in panel_titles), default=0)
     height = top + sum(heights) + above * (len(heights) - 1) + below
     fig = plt.figure(figsize=(width, height))
+    cmap = plt.get_cmap(DIVERGING if grid.diverging else SEQUENTIAL).with_extremes(bad=ABSENT)  # NaN: not measured
     y = height - top
     for r, row in enumerate(grid.rows):
         y -= heights[r]
@@ -105,16 +115,19 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
             if panel is not None:
                 ax = fig.add_axes((x / width, y / height, widths[c] / width, heights[r] / height))
                 values = panel.values.to_numpy(dtype=float)
-                image = ax.imshow(values, cmap=DIVERGING if grid.diverging else SEQUENTIAL, norm=norm, aspect="auto",
-                                  origin="lower", interpolation="nearest")
+                image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", origin="lower", interpolation="nearest")
                 last = r == len(grid.rows) - 1
-                ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels] if last else [],
-                              rotation=90, fontsize=7)
+                if last:  # rows above show no labels: no ticks to lay out either
+                    ax.set_xticks(range(values.shape[1]), [label[:24] for label in panel.xlabels], rotation=90,
+                                  fontsize=7)
+                else:
+                    ax.set_xticks([])
                 ax.set_yticks(range(values.shape[0]), [str(i) for i in panel.values.index], fontsize=7)
+                ax.tick_params(length=0)  # cells are labelled: tick marks would only cost drawing time
                 if last and grid.xlabel:
                     ax.set_xlabel(grid.xlabel, fontsize=8)
                 if r == 0:
-                    ax.set_title(textwrap.fill(panel.title, int(widths[c] * 13) + 8), fontsize=8)
+                    ax.set_title(panel_titles[c], fontsize=8)
                 if c == 0:
                     ax.set_ylabel(f"{grid.row_titles[r]}\nlayer", fontsize=8)
             x += widths[c] + gap
@@ -123,7 +136,7 @@ def static_grid(grid: Grid, out_stem: Path) -> list[Path]:
             fig.colorbar(image, cax=cax).set_label(grid.colorbar if len(grid.rows) == 1 else "", fontsize=7)
             cax.tick_params(labelsize=7)
         y -= above
-    fig.suptitle(textwrap.fill(grid.title, int(width * 12)), fontsize=10, y=1 - 0.1 / height, va="top")
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
     written = []
     for suffix in (".png", ".pdf"):
         target = out_stem.with_suffix(suffix)
@@ -195,7 +208,9 @@ def attention_overlay(image: Image.Image, relative: np.ndarray, target: Path, he
                       answer: str, image_kind: str = "clean") -> Path:
     """A head's attention minus the average head's over the image it read, diverging colours centred
     at zero, titled with the image, question, answer and head."""
-    fig, axes = plt.subplots(1, 2, figsize=(5.2, 3.0))
+    fig = plt.figure(figsize=(5.2, 3.0))
+    # axes placed by hand (fractions of the figure): tight_layout measures every text and costs more than the drawing
+    axes = [fig.add_axes((0.02, 0.03, 0.4, 0.76)), fig.add_axes((0.46, 0.03, 0.4, 0.76))]
     axes[0].imshow(image)
     axes[0].set_title(f"{image_kind} image", fontsize=8)
     axes[1].imshow(image)
@@ -205,10 +220,85 @@ def attention_overlay(image: Image.Image, relative: np.ndarray, target: Path, he
     axes[1].set_title(f"{head} minus average head", fontsize=8)
     for ax in axes:
         ax.axis("off")
-    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
-    fig.suptitle(textwrap.fill(f"Q: {question}  A: {answer}", 60), fontsize=8)
-    fig.tight_layout()
+    fig.colorbar(shown, cax=fig.add_axes((0.88, 0.03, 0.025, 0.76))).ax.tick_params(labelsize=7)
+    fig.suptitle(textwrap.fill(f"Q: {question}  A: {answer}", 60), fontsize=8, y=0.97)
     with atomic_path(target) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return target
+
+
+class Figures:
+    """The report's figures: each grid shown once (interactive) with its PNG/PDF linked, and the
+    overlays. Every figure is drawn in worker processes (one per usable core) from the moment it is
+    asked for, while the parent builds the rest of the report: drawing is most of a report's time, and
+    one figure's shares nothing with another's. The page holds a placeholder for each interactive
+    figure until `finish` fills it in; file paths are known at once. Use as a context manager."""
+
+    def __init__(self, out_dir: Path, workers: int | None = None) -> None:
+        import multiprocessing
+
+        import plotly.graph_objects  # noqa: F401  (imported once here, not in every worker)
+
+        self.out_dir = out_dir
+        self.shown: list[Figure] = []
+        self.files: list[Future] = []
+        self.divs: dict[str, Future] = {}
+        self.workers = workers or _usable_cores()
+        self.pool: ProcessPoolExecutor | None = None
+        if self.workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            # fork: the workers need only what is imported already, and start in milliseconds
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+
+    def __enter__(self) -> Figures:
+        return self
+
+    def __exit__(self, *error: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def _submit(self, function: Callable[..., Any], *arguments: Any) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(function, *arguments)
+        done: Future = Future()  # one core: draw here and now
+        done.set_result(function(*arguments))
+        return done
+
+    def add(self, grid: Grid, element_id: str, caption: str) -> str:
+        """The grid as an interactive figure with its static files linked; returns its HTML."""
+        self.files.append(self._submit(static_grid, grid, self.out_dir / "figures" / element_id))
+        self.divs[element_id] = self._submit(interactive_grid, grid, element_id)
+        figure = Figure(element_id, grid.title, caption, _placeholder(element_id),
+                        [f"figures/{element_id}{suffix}" for suffix in (".png", ".pdf")])
+        self.shown.append(figure)
+        return figure.html()
+
+    def overlay(self, image: Image.Image, relative: np.ndarray, name: str, head: str, question: str,
+                answer: str, image_kind: str = "clean") -> str:
+        """An attention overlay (`attention_overlay`); returns its path in the report."""
+        self.files.append(self._submit(attention_overlay, image, relative, self.out_dir / "figures" / name, head,
+                                       question, answer, image_kind))
+        return f"figures/{name}"
+
+    def finish(self, pages: Sequence[str]) -> list[str]:
+        """Wait for every figure (a worker's error is raised here); returns `pages` (HTML) with the
+        interactive figures in place of their placeholders."""
+        for file in self.files:
+            file.result()
+        divs = {element_id: div.result() for element_id, div in self.divs.items()}
+        for figure in self.shown:
+            figure.div = divs[figure.element_id]
+        return [re.sub(PLACEHOLDER, lambda match: divs[match.group(1)], page) for page in pages]
+
+
+PLACEHOLDER = r"<!--notice-figure:([^>]*?)-->"
+
+
+def _placeholder(element_id: str) -> str:
+    return f"<!--notice-figure:{element_id}-->"
+
+
+def _usable_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -18,8 +17,8 @@ from notice.analysis.heads import head_name
 from notice.analysis.universal import universal_heads
 from notice.io import load_image
 from notice.pairs import Pair
-from notice.report.figures import Grid, Panel, attention_overlay, interactive_grid, static_grid
-from notice.report.html import Figure, Section, Tables, table_html
+from notice.report.figures import Figures, Grid, Panel
+from notice.report.html import Section, Tables, table_html
 
 if TYPE_CHECKING:
     from notice.report.build import ModelAnalysis
@@ -47,8 +46,8 @@ def directions_text(directions: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------ tasks
-def task_section(analysis: ModelAnalysis, task: str, tables: Tables, figures: list[Figure], out_dir: Path,
-                 top_k: int, prefix: str = "") -> Section:
+def task_section(analysis: ModelAnalysis, task: str, tables: Tables, figures: Figures, top_k: int,
+                 prefix: str = "") -> Section:
     """A task's conditions by corrupted modality: which exist and why some are empty, one module figure
     and one head figure with the conditions as columns, and each condition's ranked heads."""
     body = ""
@@ -58,8 +57,8 @@ def task_section(analysis: ModelAnalysis, task: str, tables: Tables, figures: li
         if shown.empty:
             continue
         stem = slug(f"{prefix}{task}-{modality}")
-        body += _module_figure(analysis, shown, stem, tables, figures, out_dir)
-        body += _head_figure(analysis, shown, stem, figures, out_dir)
+        body += _module_figure(analysis, shown, stem, tables, figures)
+        body += _head_figure(analysis, shown, stem, figures)
         body += _rankings(analysis, shown, tables, top_k)
     return Section(f"{prefix}{task}", body)
 
@@ -78,8 +77,7 @@ def _panel_title(row) -> str:
     return f"{condition_title(row.corruption)} ({row.condition}, n={row.analysed})"
 
 
-def _module_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, tables: Tables, figures: list[Figure],
-                   out_dir: Path) -> str:
+def _module_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, tables: Tables, figures: Figures) -> str:
     """Rows: the modules patched (layer output, attention, MLP); columns: the conditions."""
     means = {row.condition: analysis.means.get(row.condition, pd.DataFrame()) for row in shown.itertuples()}
     for row in shown.itertuples():
@@ -109,22 +107,37 @@ def _module_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, tabl
                f"output at that token ({directions_text(sorted(set(shown['direction'])))}). Columns are conditions; "
                f"each row has one colour scale shared by its columns: {scales}. Hover a cell for its 95% bootstrap "
                "interval and pair count.")
-    return _figure(grid, f"{stem}-modules", caption, figures, out_dir) + tables.link("module_means")
+    return figures.add(grid, f"{stem}-modules", caption) + tables.link("module_means")
 
 
 def _module_panel(means: pd.DataFrame, stream: str, component: str, title: str) -> Panel | None:
     cells = means[(means["stream"] == stream) & (means["component"] == component)] if not means.empty else means
     if cells.empty:
         return None
-    pivot = {name: cells.pivot_table(index="layer", columns="position", values=name, aggfunc="first").sort_index()
-             for name in ("mean", "ci_low", "ci_high", "count")}
+    pivot = _by_layer(cells, "position", ("mean", "ci_low", "ci_high", "count"))
     labels = cells.drop_duplicates("position").set_index("position")["token"]
     return Panel(pivot["mean"], [str(labels[p]) for p in pivot["mean"].columns], title,
                  {"95% CI low": pivot["ci_low"], "95% CI high": pivot["ci_high"], "pairs": pivot["count"]})
 
 
-def _head_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, figures: list[Figure],
-                 out_dir: Path) -> str:
+def _by_layer(frame: pd.DataFrame, columns: str, names: Sequence[str]) -> dict[str, pd.DataFrame]:
+    """Each of `names` as a layer × `columns` table (one pivot for all: the cells are unique)."""
+    wide = frame.pivot(index="layer", columns=columns, values=list(names)).sort_index()
+    return {name: wide[name] for name in names}
+
+
+def _head_panel(ranked: pd.DataFrame, title: str, layers: Sequence[int] | None = None) -> Panel:
+    """Ranked heads as a layer × head panel of mean |effect|, the rankings' statistic; with `layers`, a row
+    for each (NaN where a layer has no such heads)."""
+    pivot = _by_layer(ranked, "head", ("mean_abs_effect", "mean_effect", "ci_low", "ci_high", "samples"))
+    if layers is not None:
+        pivot = {name: values.reindex(layers) for name, values in pivot.items()}
+    return Panel(pivot["mean_abs_effect"], [str(h) for h in pivot["mean_abs_effect"].columns], title,
+                 {"signed mean": pivot["mean_effect"], "95% CI low": pivot["ci_low"], "95% CI high": pivot["ci_high"],
+                  "pairs": pivot["samples"]})
+
+
+def _head_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, figures: Figures) -> str:
     """One panel per condition: each head's mean |effect|, the statistic the rankings sort by."""
     panels: list[Panel | None] = []
     for row in shown.itertuples():
@@ -132,33 +145,18 @@ def _head_figure(analysis: ModelAnalysis, shown: pd.DataFrame, stem: str, figure
         if ranked is None or ranked.empty:
             panels.append(None)
             continue
-        pivot = {name: ranked.pivot_table(index="layer", columns="head", values=name, aggfunc="first").sort_index()
-                 for name in ("mean_abs_effect", "mean_effect", "ci_low", "ci_high", "samples")}
-        panels.append(Panel(pivot["mean_abs_effect"], [str(h) for h in pivot["mean_abs_effect"].columns],
-                            _panel_title(row), {"signed mean": pivot["mean_effect"], "95% CI low": pivot["ci_low"],
-                                                "95% CI high": pivot["ci_high"], "pairs": pivot["samples"]}))
+        panels.append(_head_panel(ranked, _panel_title(row)))
     if not any(panels):
         return ""
     stream, component = analysis.focus
     grid = Grid(f"{analysis.name}: {shown['task'].iloc[0]}, {shown['modality'].iloc[0]} corrupted: "
                 f"{component_title(stream, component)} heads", [panels], ["heads"], "head",
                 "mean |normalized effect|", diverging=False)
-    table = analysis.results.table
-    heads = table[(table["stream"] == stream) & (table["component"] == component) & table["head"].notna()]
-    where = ("patched at every position at once" if heads["position"].isna().any()
-             else "at the token where it is largest for that pair")
     caption = (f"Each cell: one {component_title(stream, component)} head's mean over the condition's pairs of "
-               f"|normalized effect| {where}: the statistic the rankings below sort by (the signed mean is on hover). "
+               f"|normalized effect| {analysis.head_statistic}: the statistic the rankings below sort by (the signed "
+               "mean is on hover). "
                f"One colour scale for all panels, 0 to {grid.bound(0):.3g}.")
-    return _figure(grid, f"{stem}-heads", caption, figures, out_dir)
-
-
-def _figure(grid: Grid, element_id: str, caption: str, figures: list[Figure], out_dir: Path) -> str:
-    files = static_grid(grid, out_dir / "figures" / element_id)
-    figure = Figure(element_id, grid.title, caption, interactive_grid(grid, element_id),
-                    [f"figures/{path.name}" for path in files])
-    figures.append(figure)
-    return figure.html()
+    return figures.add(grid, f"{stem}-heads", caption)
 
 
 def _rankings(analysis: ModelAnalysis, shown: pd.DataFrame, tables: Tables, top_k: int) -> str:
@@ -234,15 +232,12 @@ def focus_heads(analysis: ModelAnalysis) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------- head functions
-def head_function_section(analysis: ModelAnalysis, tables: Tables, out_dir: Path, overlays_per_head: int,
+def head_function_section(analysis: ModelAnalysis, tables: Tables, figures: Figures, overlays_per_head: int,
                           prefix: str = "") -> Section:
-    functions = analysis.results.head_functions
-    assert functions is not None
+    functions, measures = analysis.results.head_functions, analysis.head_measures
+    assert functions is not None and measures is not None
     focus = focus_heads(analysis)
-    measures = hf.summarize_head_functions(functions.table)
-    measures.insert(0, "head_name", [head_name(l, h) for l, h in zip(measures["layer"], measures["head"])])
-    measured = set(zip(measures["layer"], measures["head"]))
-    focused = measures.set_index(["layer", "head"]).loc[[h for h in focus if h in measured]].reset_index()
+    focused = focused_measures(analysis)
     facts = functions.facts
     body = (f'<p class="note">Attention of the {component_title(facts["stream"], facts["component"])} heads from the '
             "query token (BLIP: the answer word in the question; an image-token LM: the last prompt token, where the "
@@ -258,7 +253,7 @@ def head_function_section(analysis: ModelAnalysis, tables: Tables, out_dir: Path
     strongest = measures.dropna(subset=["mask_iou"]).sort_values("mask_iou", ascending=False).head(5)
     if not strongest.empty:
         body += "<h3>Best implicit segmenters (highest mask IoU)</h3>" + table_html(strongest)
-    body += _overlays(analysis, functions, focus, out_dir, overlays_per_head, prefix)
+    body += _overlays(analysis, functions, focus, figures, overlays_per_head, prefix)
     return Section(f"{prefix}What the heads do", body)
 
 
@@ -272,44 +267,205 @@ def _varied(pairs: Sequence[Pair], count: int) -> list[str]:
     return in_turn[:count]
 
 
-def _overlays(analysis: ModelAnalysis, functions: hf.HeadFunctions, focus: list[tuple[int, int]], out_dir: Path,
+def focused_measures(analysis: ModelAnalysis) -> pd.DataFrame:
+    """The head-function measures of the heads in focus (`focus_heads`) that were measured."""
+    measures = analysis.head_measures
+    if measures is None:
+        return pd.DataFrame()
+    measured = set(zip(measures["layer"], measures["head"]))
+    return measures.set_index(["layer", "head"]).loc[[h for h in focus_heads(analysis) if h in measured]].reset_index()
+
+
+def _overlays(analysis: ModelAnalysis, functions: hf.HeadFunctions, focus: list[tuple[int, int]], figures: Figures,
               per_head: int, prefix: str) -> str:
+    """Overlays of the heads in focus on a few pairs; each (file, caption) is kept on the analysis too,
+    for the family comparison to show again."""
     pairs = {p.id: p for p in analysis.results.pairs}
     shown = _varied([pairs[i] for i in dict.fromkeys(functions.maps["pair_id"]) if i in pairs], per_head)
-    figures = []
     for layer, head in focus:
         for pair_id in shown:
             pair, name = pairs[pair_id], head_name(layer, head)
-            target = out_dir / "figures" / f"overlay-{slug(prefix + pair_id)}-L{layer}H{head}.png"
-            attention_overlay(load_image(pair.clean_image), hf.relative_map(functions.maps, pair_id, layer, head),
-                              target, name, pair.clean_prompt, pair.correct)
+            path = figures.overlay(load_image(pair.clean_image), hf.relative_map(functions.maps, pair_id, layer, head),
+                                   f"overlay-{slug(prefix + pair_id)}-L{layer}H{head}.png", name, pair.clean_prompt,
+                                   pair.correct)
             caption = (f"{name} on the clean image of pair {pair_id} "
                        f"({condition_label(pair.task, pair.modality, pair.corruption)}): question “{pair.clean_prompt}”, "
                        f"answer “{pair.correct}” (contrast “{pair.incorrect}”); red: more attention than the average "
                        "head, blue: less.")
-            figures.append(f'<figure><img src="figures/{html.escape(target.name)}" alt="{html.escape(caption)}">'
-                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    return ("<h3>Attention overlays</h3><div class=\"overlays\">" + "".join(figures) + "</div>") if figures else ""
+            analysis.overlays.append((path, caption))
+    shown_overlays = "".join(overlay_html(path, caption) for path, caption in analysis.overlays)
+    return f'<h3>Attention overlays</h3><div class="overlays">{shown_overlays}</div>' if shown_overlays else ""
+
+
+def overlay_html(path: str, caption: str) -> str:
+    return (f'<figure><img src="{html.escape(path)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 # --------------------------------------------------------------------------- across models
-def comparison_section(analyses: Sequence[ModelAnalysis], tables: Tables, top_k: int) -> Section:
-    """Each model's strongest heads per condition side by side, and how many are universal."""
+def comparison_section(analyses: Sequence[ModelAnalysis], tables: Tables, figures: Figures, top_k: int) -> Section:
+    """The families side by side where text meets the image: per condition they share, one heatmap per
+    model of its heads in focus on one statistic, a sentence on where the strongest heads sit and each
+    model's strongest heads with intervals; then universal heads and what the heads do, per model.
+    Everything is read from the analyses the per-model sections show (no effect is recomputed)."""
+    kinds = "; ".join(f"{a.name}: {component_title(*a.focus)}" for a in analyses)
+    body = ('<p class="note">Where text meets the image in each family: cross-attention heads where a stream has '
+            "them (a text encoder's, a Q-Former's, a language model's cross-attention layers), else the language "
+            f"model's self-attention heads, which read the image tokens. Here: {html.escape(kinds)}.</p>")
+    shared = shared_conditions(analyses)
+    alone = sorted({c for a in analyses for c in a.rankings} - set(shared))
+    if alone:
+        body += (f'<p class="note">Conditions with head effects in one model only, not compared: '
+                 f"{html.escape(', '.join(alone))}.</p>")
+    for condition, models in shared.items():
+        body += (f'<h3 data-comparison="{html.escape(condition)}">{html.escape(condition)} · '
+                 f"{html.escape(condition_title(_corruption(models[0], condition)))}</h3>"
+                 f'<p class="finding">{html.escape(depth_sentence(condition, models))}</p>'
+                 + _comparison_figure(condition, models, figures)
+                 + _comparison_rankings(condition, models, tables, top_k))
+    if not shared:
+        body += "<p>The models share no condition with head effects.</p>"
+    body += _comparison_universal(analyses, tables) + _comparison_functions(analyses, tables)
+    return Section("Families compared", body)
+
+
+def shared_conditions(analyses: Sequence[ModelAnalysis]) -> dict[str, list[ModelAnalysis]]:
+    """Condition → the models (two or more) with head effects in it, in the report's condition order."""
+    order = pd.concat([a.conditions for a in analyses], ignore_index=True).drop_duplicates("condition")
+    shared = {}
+    for condition in order.sort_values(["task", "modality"], kind="stable")["condition"]:
+        models = [a for a in analyses if not a.rankings.get(condition, pd.DataFrame()).empty]
+        if len(models) > 1:
+            shared[condition] = models
+    return shared
+
+
+def _corruption(analysis: ModelAnalysis, condition: str) -> str:
+    return str(analysis.conditions.set_index("condition").loc[condition, "corruption"])
+
+
+def depth_sentence(condition: str, models: Sequence[ModelAnalysis]) -> str:
+    """Where each model's strongest head of a condition sits in its depth, and its important heads' layers."""
+    parts, depth = [], {}
+    for analysis in models:
+        ranked = analysis.rankings[condition]
+        top, last = ranked.iloc[0], analysis.layers(analysis.focus[0]) - 1
+        depth[analysis.name] = int(top["layer"]) / last if last > 0 else 0.0
+        important = sorted({int(layer) for layer in ranked.loc[ranked["important"], "layer"]})
+        parts.append(f"{analysis.name}'s ({component_title(*analysis.focus)}) is "
+                     f"{head_name(top['layer'], top['head'])} in layer {int(top['layer'])} of 0–{last} "
+                     f"({interval(top['mean_abs_effect'], top['ci_low'], top['ci_high'])}"
+                     + (f"; important heads in layer{'s' if len(important) > 1 else ''} "
+                        f"{', '.join(map(str, important))})" if important else "; no head above mean + 2σ)"))
+    earliest, latest = min(depth, key=depth.__getitem__), max(depth, key=depth.__getitem__)
+    where = (f"relative depth {depth[earliest]:.2f} for {earliest} up to {depth[latest]:.2f} for {latest}"
+             if depth[latest] > depth[earliest] else f"all at relative depth {depth[latest]:.2f}")
+    return f"In {condition} the strongest head (mean |effect| [95% CI]) of " + "; ".join(parts) + f": {where}."
+
+
+def _focus_panel(analysis: ModelAnalysis, condition: str) -> Panel:
+    """A model's heads in focus, layer × head over the stream's whole depth: layers without such heads
+    (cross-attention on some layers only) are rows of NaN, shown as absent rather than as zero."""
+    ranked = analysis.rankings[condition]
+    return _head_panel(ranked, f"{analysis.name}: {component_title(*analysis.focus)} heads "
+                               f"(n={int(ranked['samples'].max())})", range(analysis.layers(analysis.focus[0])))
+
+
+def _comparison_figure(condition: str, models: Sequence[ModelAnalysis], figures: Figures) -> str:
+    grid = Grid(f"{condition}: the heads where text meets the image, per family",
+                [[_focus_panel(analysis, condition) for analysis in models]], ["heads"], "head",
+                "mean |normalized effect|", diverging=False)
+    caption = (f"One panel per model. Each cell: one head's mean over the condition's pairs of |normalized effect| "
+               f"({'; '.join(f'{a.name}: {a.head_statistic}' for a in models)}), the statistic the rankings sort "
+               f"by (the signed mean is on hover). One colour scale for all panels, 0 to {grid.bound(0):.3g}. Rows "
+               "run over each stream's whole depth: a layer without such heads (a language model's cross-attention "
+               "sits on some layers only) is left blank (grey in the PNG/PDF), absent rather than zero.")
+    return figures.add(grid, slug(f"compare-{condition}-heads"), caption)
+
+
+def head_statistic(table: pd.DataFrame, focus: tuple[str, str]) -> str:
+    """How a head's effect in one pair is read: patched at every position, or its strongest token's."""
+    stream, component = focus
+    heads = table[(table["stream"] == stream) & (table["component"] == component) & table["head"].notna()]
+    return ("patched at every position at once" if heads["position"].isna().any()
+            else "at the token where it is largest for that pair")
+
+
+def _comparison_rankings(condition: str, models: Sequence[ModelAnalysis], tables: Tables, top_k: int) -> str:
+    blocks = []
+    for analysis in models:
+        ranked = analysis.rankings[condition]
+        top = ranked.head(top_k)
+        names = [head_name(l, h) for l, h in zip(top["layer"], top["head"])]
+        tables.add("families_compared", top.assign(model=analysis.name, heads=component_title(*analysis.focus),
+                                                   condition=condition, head_name=names,
+                                                   threshold=ranked.attrs["threshold"]),
+                   f"per condition the models share and per model: its {top_k} strongest heads where text meets the "
+                   "image, by mean |normalized effect|, with 95% bootstrap intervals (rows of head_ranking)")
+        shown = pd.DataFrame({"rank": top["rank"], "head": names, "mean |effect|": top["mean_abs_effect"],
+                              "95% CI": [f"{lo:.3f}–{hi:.3f}" for lo, hi in zip(top["ci_low"], top["ci_high"])],
+                              "signed mean": top["mean_effect"], "important": top["important"]})
+        blocks.append(f'<div data-family="{html.escape(analysis.name)}"><p class="note"><b>{html.escape(analysis.name)}'
+                      f"</b>: {html.escape(component_title(*analysis.focus))} heads</p>{table_html(shown)}</div>")
+    return f'<div class="side">{"".join(blocks)}</div>' + tables.link("families_compared")
+
+
+def _comparison_universal(analyses: Sequence[ModelAnalysis], tables: Tables) -> str:
     rows = []
     for analysis in analyses:
-        for condition, ranked in analysis.rankings.items():
-            top = ranked.head(top_k)
-            rows.append({"model": analysis.name, "heads": component_title(*analysis.focus), "condition": condition,
-                         "important": int(ranked["important"].sum()), "of": len(ranked),
-                         f"top {top_k} (mean |effect|)": ", ".join(
-                             f"{head_name(r.layer, r.head)} ({r.mean_abs_effect:.2f})" for r in top.itertuples())})
-    counts = pd.DataFrame([{"model": a.name, "universal heads": len(a.universal),
-                            "which": ", ".join(a.universal["head"]) if len(a.universal) else "–"} for a in analyses])
-    body = ('<p class="note">Where image and text meet: each family\'s heads that read the image (BLIP: text-encoder '
-            "cross-attention; image-token LMs: language-model self-attention), by condition.</p>"
-            + tables.show("families_compared", pd.DataFrame(rows), "per model and condition: the strongest heads")
-            + table_html(counts))
-    return Section("Families compared", body)
+        n = len(analysis.rankings)
+        k = n if analysis.min_conditions is None else analysis.min_conditions
+        top = universal_heads(analysis.rankings, analysis.min_conditions, rule="top_k") if n else analysis.universal
+        anywhere = universal_heads(analysis.rankings, 1) if n else analysis.universal
+        rows.append({"model": analysis.name, "heads": component_title(*analysis.focus), "conditions": n,
+                     "important (2σ) in ≥ k": ", ".join(analysis.universal["head"]) or "–", "k": k,
+                     "top": _top_k(analysis.rankings) if n else 0, "among the top in ≥ k": ", ".join(top["head"]) or "–",
+                     "most shared (2σ)": (f"{anywhere.iloc[0]['head']} ({anywhere.iloc[0]['conditions']} of {n})"
+                                          if len(anywhere) else "–")})
+    return ("<h3>Universal heads per family</h3>"
+            '<p class="note">Heads important in at least k of a model\'s conditions (k = all unless asked), by the '
+            "2σ rule and among each condition's strongest; each model's own section lists where.</p>"
+            + tables.show("families_universal", pd.DataFrame(rows), "per model: its universal heads by each rule"))
+
+
+def _comparison_functions(analyses: Sequence[ModelAnalysis], tables: Tables) -> str:
+    """Per model: its heads in focus summarised (segmentation, object and outlier inhibition), the
+    strongest of each kind, and one of the overlays its own section shows."""
+    rows, overlays = [], []
+    for analysis in analyses:
+        measures = analysis.head_measures
+        if measures is None or measures.empty:
+            continue
+        focused, facts = focused_measures(analysis), analysis.results.head_functions.facts  # type: ignore[union-attr]
+        segmenter = measures.loc[measures["mask_iou"].idxmax()] if measures["mask_iou"].notna().any() else None
+        rows.append({
+            "model": analysis.name, "heads": component_title(facts["stream"], facts["component"]),
+            "in focus": ", ".join(focused["head_name"]) or "–",
+            "mask IoU (in focus)": focused["mask_iou"].mean(),
+            "object inhibition (in focus)": focused["object_inhibition"].mean(),
+            "outlier inhibition (in focus)": focused["outlier_inhibition"].mean(),
+            "best segmenter": f"{segmenter['head_name']} ({segmenter['mask_iou']:.2f})" if segmenter is not None else "–",
+            "strongest object inhibitor": _most(measures, "object_inhibition"),
+            "strongest outlier inhibitor": _most(measures, "outlier_inhibition")})
+        if analysis.overlays:
+            overlays.append(overlay_html(analysis.overlays[0][0], f"{analysis.name}: {analysis.overlays[0][1]}"))
+    if not rows:
+        return ""
+    return ("<h3>What the heads do, per family</h3>"
+            '<p class="note">Means over the heads in focus (universal, else each condition\'s important heads) of the '
+            "head-function measures; inhibitors: the most negative mass on the object or on outlier patches relative "
+            "to the average head. Each model's own section has every head (CSV: head_functions).</p>"
+            + tables.show("families_head_functions", pd.DataFrame(rows),
+                          "per model: the head-function measures of its heads in focus and its strongest heads of "
+                          "each function")
+            + (f'<div class="overlays" data-families>{"".join(overlays)}</div>' if overlays else ""))
+
+
+def _most(measures: pd.DataFrame, column: str) -> str:
+    if not measures[column].notna().any():
+        return "–"
+    row = measures.loc[measures[column].idxmin()]
+    return f"{row['head_name']} ({row[column]:.3f})"
 
 
 def selection_section(analyses: Sequence[ModelAnalysis], tables: Tables) -> Section:
