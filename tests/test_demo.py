@@ -101,7 +101,7 @@ def test_report_rule_needs_the_pairs_and_a_known_name(run_folder, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("family", ["blip", "llava"])
+@pytest.mark.parametrize("family", ["blip", "llava", "mllama"])
 def test_demo_selects_48_pairs_for_every_condition_of_each_family(tmp_path, family):
     """Colour and shape, each corrupted in the image (SMP) and in the text (yes/no STR), and a
     Gaussian-noise baseline: every condition keeps at least 48 pairs on the embedded model."""

@@ -145,22 +145,26 @@ def config_from_dict(raw: dict, source: str, base: Path = Path("."), out: str | 
 
 
 LLAVA_SITES = ("lm.*.layer", "lm.*.self_attn", "lm.*.mlp", "lm.*.self_attn.head*")
+# Llama-3.2-Vision: the self- and cross-attention heads and modules of every LM layer that has them
+MLLAMA_SITES = ("lm.*.layer", "lm.*.self_attn", "lm.*.cross_attn", "lm.*.mlp", "lm.*.self_attn.head*",
+                "lm.*.cross_attn.head*")
 
 
 def demo_configs(out: str | Path) -> list[RunConfig]:
-    """The main job on both embedded models: easy-VQA colour and shape, each with Semantic Minimal Pairs
-    (image) and yes/no STR (text), plus Gaussian noise on the object as the image baseline of shape
+    """The main job on the three embedded models: easy-VQA colour and shape, each with Semantic Minimal
+    Pairs (image) and yes/no STR (text), plus Gaussian noise on the object as the image baseline of shape
     (noise on a colour seldom flips these models: colour survives it); every text-encoder module and
-    cross-attention head of BLIP and every language-model module and self-attention head of LLaVA, at
-    every position. Each condition keeps 48 pairs: 3 per colour and answer order, 8 per shape and
-    answer order."""
+    cross-attention head of BLIP, every language-model module and self-attention head of LLaVA, and every
+    language-model module, self- and cross-attention head of Llama-3.2-Vision, at every position. Each
+    condition keeps 48 pairs: 3 per colour and answer order, 8 per shape and answer order."""
     out = Path(out)
     tasks = [TaskSpec("easyvqa-color", split="test", limit=64, max_per_cell=3,
                       corruptions=("image_smp", "text_str_yesno")),
              TaskSpec("easyvqa-shape", split="test", limit=240, max_per_cell=8,
                       corruptions=("image_smp", "text_str_yesno", "image_noise"))]
     return [RunConfig(out=out / "blip", tasks=tasks, model="easyvqa-blip"),
-            RunConfig(out=out / "llava", tasks=tasks, model="easyvqa-llava", sites=LLAVA_SITES)]
+            RunConfig(out=out / "llava", tasks=tasks, model="easyvqa-llava", sites=LLAVA_SITES),
+            RunConfig(out=out / "mllama", tasks=tasks, model="easyvqa-mllama", sites=MLLAMA_SITES)]
 
 
 def run_pipeline(config: RunConfig, console) -> Path:
@@ -179,7 +183,7 @@ def run_demo(out: str | Path, console, processes: int | None = None) -> Path:
 
     configs = demo_configs(out)
     results = run_models(configs, console, processes)
-    return make_report(results, Path(out) / "report", "notice demo: easy-VQA on the embedded BLIP and LLaVA",
+    return make_report(results, Path(out) / "report", "notice demo: easy-VQA on the embedded BLIP, LLaVA and Llama-3.2-Vision",
                        seed=configs[0].seed)
 
 
