@@ -33,6 +33,8 @@ from notice.patching.sites import ALL, Site, expand_sites, parse_site
 
 DEFAULT_MAX_MEMORY = "4GB"
 MAX_BATCH = 512  # cells per forward; beyond this a CPU gains nothing and a GPU little
+MIN_ROWS = 128  # a causal LM's cells of neighbouring positions share forwards up to this many: each call's
+# overhead then outweighs the few positions a later row reruns again (a large model has as many per position)
 CHECK_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}  # × max(1, max|logit|)
 
 
@@ -66,18 +68,28 @@ def first_position(site: Site) -> int:
     return 0 if site.position == ALL else int(site.position)
 
 
-def plan(sites: Sequence[Site], order: Sequence[str], cross_layer: Iterable[str] = ()) -> list[Group]:
+def plan(sites: Sequence[Site], order: Sequence[str], cross_layer: Iterable[str] = (),
+         min_rows: int = MIN_ROWS) -> list[Group]:
     """Group sites by (stream, layer), streams in model order; in `cross_layer` streams by (stream, first
-    patched position) instead, so each row reruns only the positions its patch can change."""
+    patched position) instead, so each row reruns only the positions its patch can change, neighbouring
+    positions sharing one group while it holds fewer than `min_rows` cells."""
     cross_layer = set(cross_layer)
     groups: dict[tuple[int, int], Group] = {}
     for i, site in enumerate(sites):
         key = (order.index(site.stream), first_position(site) if site.stream in cross_layer else site.layer)
         groups.setdefault(key, Group(site.stream, [], [])).cells.append(i)
-    for group in groups.values():
+    merged: list[Group] = []
+    for key in sorted(groups):
+        group = groups[key]
+        last = merged[-1] if merged else None
+        if last is not None and group.stream in cross_layer and last.stream == group.stream and len(last.cells) < min_rows:
+            last.cells += group.cells
+        else:
+            merged.append(group)
+    for group in merged:  # make_batches relies on this order: each (layer, target, whole) run contiguous
         group.cells.sort(key=lambda i: (sites[i].layer, sites[i].target, sites[i].position == ALL))
         group.layers = sorted({sites[i].layer for i in group.cells})
-    return [groups[key] for key in sorted(groups)]
+    return merged
 
 
 def make_batches(adapter: ModelAdapter, sites: Sequence[Site], cells: Sequence[int], receiving: Trace,
