@@ -93,9 +93,10 @@ def _sites(analysis: ModelAnalysis) -> str:
     modules = table[table["head"].isna()]
     parts = [f"{stream} {', '.join(COMPONENT_TITLES.get(c, c) for c in _ordered(set(rows['component'])))}"
              for stream, rows in modules.groupby("stream", sort=True)]
-    stream, component = analysis.focus
-    if table["head"].notna().any():
-        parts.append(f"every {component_title(stream, component)} head")
+    heads = table[table["head"].notna()]
+    kinds = sorted(set(zip(heads["stream"], heads["component"])), key=lambda kind: kind != analysis.focus)
+    if kinds:  # the heads in focus first
+        parts.append(" and ".join(f"every {component_title(stream, component)} head" for stream, component in kinds))
     return " and ".join(parts) + " at every token patched"
 
 
