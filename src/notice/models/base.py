@@ -200,6 +200,8 @@ class ModelAdapter(ABC):
     """
 
     family: ClassVar[str]
+    model_class: ClassVar[str]  # the checkpoints' transformers class, by name (what from_pretrained loads)
+    processor_class: ClassVar[str]
     cross_layer_streams: ClassVar[frozenset[str]] = frozenset()  # streams whose patched_logits mixes layers
     answer_batch_size: ClassVar[int] = 64
     trace_outputs: ClassVar[dict[str, str]] = {}  # cache name → module whose output (row 0) a trace keeps
@@ -217,15 +219,22 @@ class ModelAdapter(ABC):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    @abstractmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                         name: str | None = None, **options) -> "ModelAdapter":
-        """Load the unmodified transformers model and processor from a hub id or a saved folder."""
+        """Load the unmodified transformers model (`model_class`) and processor from a hub id or a saved folder."""
+        import transformers
+
+        if options:
+            raise NoticeError(f"{cls.model_class} loading takes no {', '.join(options)} option: drop it")
+        model = getattr(transformers, cls.model_class).from_pretrained(str(source), dtype=resolve_dtype(dtype))
+        return cls(model.to(device), cls.load_processor(source), name or str(source))
 
     @classmethod
-    @abstractmethod
     def load_processor(cls, source: str | Path):
-        """The checkpoint's processor (tokenizer and image processor)."""
+        """The checkpoint's processor (tokenizer and image processor): `processor_class`'s."""
+        import transformers
+
+        return getattr(transformers, cls.processor_class).from_pretrained(str(source))
 
     @classmethod
     @abstractmethod

@@ -10,16 +10,14 @@ Streams: `vision`, `text` (positions: question wordpieces, [CLS] and [SEP] inclu
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 
-from notice.errors import NoticeError
 from notice.models.blocks.attention import AttentionInputs
 from notice.models.base import (ImageAttention, ModelAdapter, PatchBatch, Run, StreamFacts, StreamMap, Trace,
-                                check_batch, grid_labels, resolve_dtype)
+                                check_batch, grid_labels)
 from notice.models.blocks import BertBlock, CrossAttention, EncoderBlock
 
 BERT_WRITES = {"self_attn": "attention.output.dense", "cross_attn": "crossattention.output.dense",
@@ -50,6 +48,7 @@ def bert_block(layer, heads: int, causal: bool) -> BertBlock:
 
 class BlipAdapter(ModelAdapter):
     family = "blip"
+    model_class, processor_class = "BlipForQuestionAnswering", "BlipProcessor"
     trace_outputs = {"image_states": "vision_model.post_layernorm"}
 
     def __init__(self, model, processor, name: str):
@@ -77,23 +76,6 @@ class BlipAdapter(ModelAdapter):
             "text": [bert_block(l, text.num_attention_heads, False) for l in model.text_encoder.encoder.layer],
             "decoder": [bert_block(l, text.num_attention_heads, True) for l in model.text_decoder.bert.encoder.layer],
         }
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                        name: str | None = None, **options) -> "BlipAdapter":
-        from transformers import BlipForQuestionAnswering
-
-        if options:
-            raise NoticeError(f"BLIP loading takes no {', '.join(options)} option: drop it")
-        model = BlipForQuestionAnswering.from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        model = model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a decorated method
-        return cls(model, cls.load_processor(source), name or str(source))
-
-    @classmethod
-    def load_processor(cls, source: str | Path):
-        from transformers import BlipProcessor
-
-        return BlipProcessor.from_pretrained(str(source))
 
     @classmethod
     def prompt_ids(cls, processor, question: str) -> list[int]:

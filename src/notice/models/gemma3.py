@@ -19,12 +19,11 @@ Where Gemma 3 differs from LLaVA, and this adapter follows the model:
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from notice.errors import NoticeError
-from notice.models.base import Run, StreamFacts, StreamMap, resolve_dtype
+from notice.models.base import Run, StreamFacts, StreamMap
 from notice.models.blocks import DecoderBlock
 from notice.models.blocks.prenorm import Rope
 from notice.models.image_tokens import ImageTokenAdapter, Prompt
@@ -52,6 +51,7 @@ def gemma_block(layer, heads: int, kv_heads: int) -> DecoderBlock:
 
 class Gemma3Adapter(ImageTokenAdapter):
     family = "gemma3"
+    model_class, processor_class = "Gemma3ForConditionalGeneration", "Gemma3Processor"
     lm_path = "model.language_model"
     first_patch = 0  # SigLIP has no [CLS]
     add_special_tokens = False  # the chat template writes <bos>
@@ -97,22 +97,6 @@ class Gemma3Adapter(ImageTokenAdapter):
     @property
     def tower(self):
         return self.model.model.vision_tower
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                        name: str | None = None, **options) -> "Gemma3Adapter":
-        from transformers import Gemma3ForConditionalGeneration
-
-        if options:
-            raise NoticeError(f"Gemma 3 loading takes no {', '.join(options)} option: drop it")
-        model = Gemma3ForConditionalGeneration.from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        return cls(model.to(device), cls.load_processor(source), name or str(source))  # type: ignore[arg-type]
-
-    @classmethod
-    def load_processor(cls, source: str | Path):
-        from transformers import Gemma3Processor
-
-        return Gemma3Processor.from_pretrained(str(source))
 
     @property
     def patch_grid(self) -> tuple[int, int, int]:

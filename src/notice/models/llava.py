@@ -11,7 +11,6 @@ Everything on the language-model side is shared with the other image-token famil
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -45,6 +44,7 @@ def llama_block(layer, heads: int, kv_heads: int) -> DecoderBlock:
 
 class LlavaAdapter(ImageTokenAdapter):
     family = "llava"
+    model_class, processor_class = "LlavaForConditionalGeneration", "LlavaProcessor"
     lm_path = "model.language_model"
 
     def __init__(self, model, processor, name: str):
@@ -90,31 +90,17 @@ class LlavaAdapter(ImageTokenAdapter):
         return self.model.model.vision_tower
 
     @classmethod
-    def model_class(cls):
-        from transformers import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration
-
-    @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                         name: str | None = None, load_in_4bit: bool = False, **options) -> "LlavaAdapter":
-        if options:
-            raise NoticeError(f"LLaVA loading takes no {', '.join(options)} option: drop it")
+        """As every family loads, or with 4-bit weights (bitsandbytes, a CUDA device) placed by a device map."""
+        import transformers
+
+        if not load_in_4bit or options:
+            return super().from_pretrained(source, device, dtype, name, **options)  # type: ignore[return-value]
         torch_dtype = resolve_dtype(dtype)
-        kwargs: dict[str, Any] = {"dtype": torch_dtype}
-        if load_in_4bit:
-            kwargs["quantization_config"] = four_bit_config(torch_dtype)
-            kwargs["device_map"] = {"": device}
-        model = cls.model_class().from_pretrained(str(source), **kwargs)
-        if not load_in_4bit:  # 4-bit weights are placed by their device map
-            model = model.to(device)
+        model = getattr(transformers, cls.model_class).from_pretrained(
+            str(source), dtype=torch_dtype, quantization_config=four_bit_config(torch_dtype), device_map={"": device})
         return cls(model, cls.load_processor(source), name or str(source))
-
-    @classmethod
-    def load_processor(cls, source: str | Path):
-        from transformers import LlavaProcessor
-
-        return LlavaProcessor.from_pretrained(str(source))
 
     @property
     def patch_grid(self) -> tuple[int, int, int]:

@@ -20,7 +20,6 @@ functions and heatmaps read the base tile's tokens, a grid over the whole image.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,7 @@ _LARGEST: dict[int, tuple[Any, tuple[int, int]]] = {}  # id(processor) → (proc
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+    model_class, processor_class = "LlavaNextForConditionalGeneration", "LlavaNextProcessor"
     fixed_image_tokens = False
 
     def __init__(self, model, processor, name: str):
@@ -56,17 +56,6 @@ class LlavaNextAdapter(LlavaAdapter):
 
     tower_name = "CLIP vision tower"
 
-    @classmethod
-    def model_class(cls):
-        from transformers import LlavaNextForConditionalGeneration
-
-        return LlavaNextForConditionalGeneration
-
-    @classmethod
-    def load_processor(cls, source: str | Path):
-        from transformers import LlavaNextProcessor
-
-        return LlavaNextProcessor.from_pretrained(str(source))
 
     @classmethod
     def nominal_image(cls, processor) -> Image.Image:

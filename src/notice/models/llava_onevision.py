@@ -21,14 +21,9 @@ from notice.models.llava_next import LlavaNextAdapter
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
     first_patch = 0  # SigLIP has no [CLS]
     tower_name = "SigLIP vision tower"
-
-    @classmethod
-    def model_class(cls):
-        from transformers import LlavaOnevisionForConditionalGeneration
-
-        return LlavaOnevisionForConditionalGeneration
 
     @classmethod
     def load_processor(cls, source: str | Path):

@@ -19,7 +19,6 @@ MLP write in the cross-attention layers.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ from PIL import Image
 
 from notice.errors import NoticeError
 from notice.models.base import (ImageAttention, ModelAdapter, PatchBatch, Run, StreamFacts, StreamMap, Trace,
-                                check_batch, grid_labels, mask_patch_positions, resolve_dtype)
+                                check_batch, grid_labels, mask_patch_positions)
 from notice.models.blocks import DecoderBlock, EncoderBlock
 from notice.models.blocks.attention import AttentionInputs
 from notice.models.blocks.gated_cross import GatedCrossBlock
@@ -85,6 +84,7 @@ def prompt_text(processor, question: str) -> str:
 
 class MllamaAdapter(ModelAdapter):
     family = "mllama"
+    model_class, processor_class = "MllamaForConditionalGeneration", "MllamaProcessor"
     cross_layer_streams = frozenset({"lm"})
     answer_batch_size = 16
     trace_outputs = {"image_states": "model.multi_modal_projector"}
@@ -140,23 +140,6 @@ class MllamaAdapter(ModelAdapter):
     @property
     def lm(self):
         return self.model.model.language_model
-
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                        name: str | None = None, **options) -> "MllamaAdapter":
-        from transformers import MllamaForConditionalGeneration
-
-        if options:
-            raise NoticeError(f"Llama-3.2-Vision loading takes no {', '.join(options)} option: drop it")
-        model = MllamaForConditionalGeneration.from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        model = model.to(device)  # type: ignore[arg-type]  # transformers types `to` as a decorated method
-        return cls(model, cls.load_processor(source), name or str(source))
-
-    @classmethod
-    def load_processor(cls, source: str | Path):
-        from transformers import MllamaProcessor
-
-        return MllamaProcessor.from_pretrained(str(source))
 
     @classmethod
     def prompt_ids(cls, processor, question: str) -> list[int]:

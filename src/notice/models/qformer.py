@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 from notice.errors import NoticeError
-from notice.models.base import (ImageAttention, PatchBatch, Run, Site, StreamFacts, StreamMap, Trace, edit_activation,
-                                resolve_dtype)
+from notice.models.base import (ImageAttention, PatchBatch, Run, Site, StreamFacts, StreamMap, Trace, edit_activation)
 from notice.models.blip import STREAM_MAPS as BLIP_MAPS
 from notice.models.blip import vit_block
 from notice.models.blocks import CrossAttention, DecoderBlock, QFormerBlock
@@ -83,8 +82,6 @@ class QFormerAdapter(ImageTokenAdapter):
     """What BLIP-2 and InstructBLIP share; a subclass names its classes, its prompt and what its Q-Former reads."""
 
     trace_outputs = {"image_states": "vision_model.post_layernorm"}
-    model_class: ClassVar[str]
-    processor_class: ClassVar[str]
     prompt_format: ClassVar[str]  # the question in the prompt both the LM and (InstructBLIP) the Q-Former read
     reads_instruction: ClassVar[bool] = False  # the Q-Former reads the prompt beside its query tokens
     chat_prompts = False  # prompts are the paper's VQA format, not a chat template
@@ -150,19 +147,10 @@ class QFormerAdapter(ImageTokenAdapter):
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
                         name: str | None = None, **options) -> "QFormerAdapter":
-        import transformers
+        from transformers import AutoConfig
 
-        if options:
-            raise NoticeError(f"{cls.model_class} loading takes no {', '.join(options)} option: drop it")
-        cls.check_config(transformers.AutoConfig.from_pretrained(str(source)), name or str(source))  # before the weights
-        model = getattr(transformers, cls.model_class).from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        return cls(model.to(device), cls.load_processor(source), name or str(source))
-
-    @classmethod
-    def load_processor(cls, source: str | Path):
-        import transformers
-
-        return getattr(transformers, cls.processor_class).from_pretrained(str(source))
+        cls.check_config(AutoConfig.from_pretrained(str(source)), name or str(source))  # before the weights
+        return super().from_pretrained(source, device, dtype, name, **options)  # type: ignore[return-value]
 
     @classmethod
     def prompt_budget(cls, source: str | Path) -> tuple[int, Callable[[str], int]]:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from notice.errors import NoticeError
-from notice.models.base import Run, StreamFacts, StreamMap, Trace, mask_patch_positions, resolve_dtype
+from notice.models.base import Run, StreamFacts, StreamMap, Trace, mask_patch_positions
 from notice.models.blocks import EncoderBlock
 from notice.models.blocks.prenorm import Rope
 from notice.models.image_tokens import ImageTokenAdapter, Prompt
@@ -113,16 +113,6 @@ class Qwen2VLAdapter(ImageTokenAdapter):
         return ""
 
     # ----------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device: str = "cpu", dtype: str | torch.dtype = "float32",
-                        name: str | None = None, **options) -> "Qwen2VLAdapter":
-        import transformers
-
-        if options:
-            raise NoticeError(f"{cls.model_class} loading takes no {', '.join(options)} option: drop it")
-        model = getattr(transformers, cls.model_class).from_pretrained(str(source), dtype=resolve_dtype(dtype))
-        return cls(model.to(device), cls.load_processor(source), name or str(source))
-
     @classmethod
     def nominal_image(cls, processor) -> Image.Image:
         """A REFERENCE_IMAGE-sized image: token_length counts its image tokens (each image has its own)."""
