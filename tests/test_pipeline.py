@@ -61,7 +61,8 @@ def test_models_side_by_side_in_processes_give_the_one_process_results(tmp_path)
     import pandas as pd
     from rich.console import Console
 
-    from notice.pipeline import RunConfig, TaskSpec, run_models, run_steps
+    from notice.executors.processes import run_models
+    from notice.pipeline import RunConfig, TaskSpec, run_steps
 
     def configs(folder):
         task = [TaskSpec("easyvqa-color", split="test", limit=2, max_per_cell=1, corruptions=("image_smp",))]

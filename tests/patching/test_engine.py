@@ -15,7 +15,7 @@ from notice.models.blip import BlipAdapter
 from notice.patching import engine
 from notice.patching.engine import SanityCheckError, patch_pair
 from notice.patching.naive import naive_patch_pair
-from notice.patching.sites import expand_sites
+from notice.patching.sites import expand_sites, parse_site
 from helpers import assert_same_table, every_site_kind, make_pairs
 
 @pytest.fixture(scope="module")
@@ -184,3 +184,14 @@ def test_cells_whose_patch_changes_nothing_take_the_receiving_logits_without_a_f
     assert min(computed) == first_difference
     monkeypatch.undo()
     assert_same_table(table, naive_patch_pair(tiny_llava, pair, sites))
+
+
+def test_neighbouring_positions_of_a_causal_lm_share_a_group_up_to_min_rows():
+    sites = [parse_site(f"lm.{layer}.layer@{position}") for position in range(10) for layer in range(2)]
+    groups = engine.plan(sites, ["lm"], {"lm"}, min_rows=5)
+    assert [len(g.cells) for g in groups] == [6, 6, 6, 2]  # positions 0-2, 3-5, 6-8, 9
+    for group in groups:  # each layer's cells contiguous, as make_batches needs
+        assert [sites[i].layer for i in group.cells] == sorted(sites[i].layer for i in group.cells)
+    assert sorted(i for g in groups for i in g.cells) == list(range(len(sites)))
+    assert [len(g.cells) for g in engine.plan(sites, ["lm"], {"lm"}, min_rows=1)] == [2] * 10
+    assert [len(g.cells) for g in engine.plan(sites, ["lm"])] == [10, 10]  # not a causal LM: by layer
