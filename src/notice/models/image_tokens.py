@@ -29,6 +29,7 @@ from notice.errors import NoticeError
 from notice.models.base import ImageAttention, ModelAdapter, PatchBatch, Run, Trace, check_batch, grid_labels
 from notice.models.blocks.attention import AttentionInputs
 from notice.models.blocks.prenorm import Rope, causal_mask
+from notice.models.blocks.rows import rows_in_given_order, run_entering_rows
 
 
 class Prompt(NamedTuple):
@@ -310,16 +311,12 @@ class ImageTokenAdapter(ModelAdapter):
         start..T-1; l = the number of layers: after the last), rows coming out in order of l."""
         blocks, cache = self.blocks["lm"], receiving.cache
         count = next(iter(entering.values())).shape[1]
-        hidden = None
-        for l in range(min(entering), len(blocks) + 1):
-            if l in entering:
-                hidden = entering[l] if hidden is None else torch.cat([hidden, entering[l]])
-            if l == len(blocks):
-                break
+
+        def layer(l: int, hidden: torch.Tensor) -> torch.Tensor:
             prefix = tuple(t[:, :, :start] for t in cache["kv"][l])
-            hidden = blocks[l].forward(hidden, self.rope(cache, start, count, l), prefix,
-                                       self.lm_mask(cache, l, start, count))
-        assert hidden is not None, "rows enter before the last layer's output"
+            return blocks[l].forward(hidden, self.rope(cache, start, count, l), prefix, self.lm_mask(cache, l, start, count))
+
+        hidden = run_entering_rows(entering, len(blocks), layer)
         return self.lm_head(self.final_norm(hidden[:, -1])).float()
 
     @abstractmethod
@@ -386,11 +383,3 @@ def chat_prompt(processor, question: str) -> str:
     """The question in the model's chat template, one image before it, ending where the answer starts."""
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-
-def rows_in_given_order(batches: Sequence[PatchBatch]) -> torch.Tensor | slice:
-    """run_lm_from returns rows grouped by entering layer (stable); this index puts them back."""
-    layers = [b.layer for b in batches for _ in range(len(b))]
-    if layers == sorted(layers):
-        return slice(None)
-    return torch.argsort(torch.argsort(torch.tensor(layers), stable=True))

@@ -33,7 +33,7 @@ from notice.models.blocks import DecoderBlock, EncoderBlock
 from notice.models.blocks.attention import AttentionInputs
 from notice.models.blocks.gated_cross import GatedCrossBlock
 from notice.models.blocks.prenorm import Rope, causal_mask
-from notice.models.image_tokens import rows_in_given_order
+from notice.models.blocks.rows import rows_in_given_order, run_entering_rows
 
 VISION_WRITES = {"self_attn": "self_attn.o_proj", "mlp": "mlp"}
 STREAM_MAPS = {
@@ -419,21 +419,16 @@ class MllamaAdapter(ModelAdapter):
         receiving run's cached keys and values)."""
         cache, blocks = receiving.cache, self.blocks["lm"]
         count = next(iter(entering.values())).shape[1]
-        hidden = None
-        for l in range(min(entering), len(blocks) + 1):
-            if l in entering:
-                hidden = entering[l] if hidden is None else torch.cat([hidden, entering[l]])
-            if l == len(blocks):
-                break
-            assert hidden is not None, "the earliest entering layer comes first"
+
+        def layer(l: int, hidden: torch.Tensor) -> torch.Tensor:
             block = blocks[l]
             if isinstance(block, GatedCrossBlock):
                 memory = cache["kv"][l] if image_states is None else block.memory(image_states)
-                hidden = block.forward(hidden, memory, cache["cross_mask"][start:], cache["keep"][start:])
-            else:
-                prefix = tuple(t[:, :, :start] for t in cache["kv"][l])
-                hidden = block.forward(hidden, self.rope(cache, start, count), prefix, self.causal(cache, start, count))
-        assert hidden is not None, "rows enter before the last layer's output"
+                return block.forward(hidden, memory, cache["cross_mask"][start:], cache["keep"][start:])
+            prefix = tuple(t[:, :, :start] for t in cache["kv"][l])
+            return block.forward(hidden, self.rope(cache, start, count), prefix, self.causal(cache, start, count))
+
+        hidden = run_entering_rows(entering, len(blocks), layer)
         return self.model.lm_head(self.lm.norm(hidden[:, -1])).float()
 
     def attention_inputs(self, trace: Trace, stream: str, layer: int, component: str) -> AttentionInputs:
