@@ -200,26 +200,36 @@ def llava_answer_loss(model, processor, probe: torch.nn.Module | None = None, pr
 def train_default_llava(out_dir: Path, recipe: LlavaRecipe | None = None, log=print) -> dict:
     """Train the embedded tiny LLaVA from easy-VQA and save it (with its processor) to `out_dir`."""
     recipe = recipe or LlavaRecipe()
+
+    def processor_for(questions: list[easy_vqa.Question]):
+        return build_processor(recipe, sorted({f"USER: {q.question} ASSISTANT: {q.answer}" for q in questions}))
+
+    # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
+    return train_decoder(out_dir, recipe, processor_for, build_model, lambda model: model.model.vision_tower,
+                         llava_answer_loss, recipe.lm_hidden, log)
+
+
+def train_decoder(out_dir: Path, recipe, processor_for, build_model, vision_model, answer_loss, probe_width: int,
+                  log=print) -> dict:
+    """The image-text decoders' recipe (LLaVA, Llama-3.2-Vision), seeded: the processor made from every
+    question (`processor_for`), stage 1 on `vision_model(model)`, stage 2 with `answer_loss(model, processor,
+    probe, weight)` and a presence probe reading `probe_width` states; model and processor saved to `out_dir`."""
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     started = time.time()
     out_dir = Path(out_dir)
 
     train_questions = training_questions(recipe)
-    everything = train_questions + list(easy_vqa.load_questions("test"))
-    texts = [f"USER: {q.question} ASSISTANT: {q.answer}" for q in everything]
-    processor = build_processor(recipe, sorted(set(texts)))
+    processor = processor_for(train_questions + list(easy_vqa.load_questions("test")))
     model = build_model(recipe, processor.tokenizer)
     model.train()
 
     data = TrainingData.load(processor.image_processor, train_questions)
     log(f"easy-VQA train: {data.summary()}, vocabulary {len(processor.tokenizer)}")
-    # stage 1 reads the vision encoder as `model.vision_model` and its last hidden state: the tower is that
-    train_stage1(SimpleNamespace(vision_model=model.model.vision_tower), recipe, data, log)  # type: ignore[arg-type]
-    pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
-    probe = torch.nn.Linear(recipe.lm_hidden, 2)
-    run_stage2(model, recipe, pixels, image_index, questions_by_image,
-               llava_answer_loss(model, processor, probe, recipe.presence_weight), log, probe=probe)
+    train_stage1(SimpleNamespace(vision_model=vision_model(model)), recipe, data, log)
+    probe = torch.nn.Linear(probe_width, 2)
+    run_stage2(model, recipe, data.pixels, data.image_index, data.questions_by_image,
+               answer_loss(model, processor, probe, recipe.presence_weight), log, probe=probe)
     model.eval()
     minutes = (time.time() - started) / 60
     model.save_pretrained(out_dir)

@@ -21,8 +21,7 @@ cross-attention gates), so the recipe starts them at pi/4.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,8 +29,7 @@ import torch
 
 from notice.models.mllama import MllamaAdapter
 from notice.tasks import easy_vqa
-from notice.training.default_blip import TrainingData, run_stage2, train_stage1, training_questions
-from notice.training.default_llava import next_token_answer_loss, pad_right, pick_last
+from notice.training.default_llava import next_token_answer_loss, pad_right, pick_last, train_decoder
 
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"]
 IMAGE_TOKEN = "<|image|>"  # added after training: the last id, one past the LM head as in the real checkpoints
@@ -173,28 +171,8 @@ def mllama_answer_loss(model, processor, probe: torch.nn.Module | None = None, p
 def train_default_mllama(out_dir: Path, recipe: MllamaRecipe | None = None, log=print) -> dict:
     """Train the embedded tiny Llama-3.2-Vision from easy-VQA and save it (with its processor) to `out_dir`."""
     recipe = recipe or MllamaRecipe()
-    torch.set_num_threads(recipe.threads)
-    torch.manual_seed(recipe.seed)
-    started = time.time()
-    out_dir = Path(out_dir)
 
-    train_questions = training_questions(recipe)
-    everything = train_questions + list(easy_vqa.load_questions("test"))
-    processor = build_processor(recipe, sorted({q.question for q in everything}),
-                                sorted({q.answer for q in everything}))
-    model = build_model(recipe, processor.tokenizer)
-    model.train()
+    def processor_for(questions: list[easy_vqa.Question]):
+        return build_processor(recipe, sorted({q.question for q in questions}), sorted({q.answer for q in questions}))
 
-    data = TrainingData.load(processor.image_processor, train_questions)
-    log(f"easy-VQA train: {data.summary()}, vocabulary {len(processor.tokenizer)}")
-    train_stage1(SimpleNamespace(vision_model=ImageStates(model)), recipe, data, log)  # type: ignore[arg-type]
-    pixels, image_index, questions_by_image = data.pixels, data.image_index, data.questions_by_image
-    probe = torch.nn.Linear(recipe.hidden, 2)
-    run_stage2(model, recipe, pixels, image_index, questions_by_image,
-               mllama_answer_loss(model, processor, probe, recipe.presence_weight), log, probe=probe)
-    model.eval()
-    minutes = (time.time() - started) / 60
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    log(f"trained in {minutes:.1f} min; saved to {out_dir}")
-    return {"recipe": asdict(recipe), "train_minutes": round(minutes, 1), "vocab_size": len(processor.tokenizer)}
+    return train_decoder(out_dir, recipe, processor_for, build_model, ImageStates, mllama_answer_loss, recipe.hidden, log)
