@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,11 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import helpers  # noqa: E402  (builders of random-init checkpoints)
-from research_way import engine_cells, flops, forward_with_hook, research_cells  # noqa: E402
-from notice.io import load_image  # noqa: E402
+from llava_patching import measure  # noqa: E402
+from research_way import color_pair  # noqa: E402
 from notice.models import load_model  # noqa: E402
-from notice.patching.sites import Site  # noqa: E402
-from notice.tasks import easy_vqa  # noqa: E402
 
 SMALL = dict(vision_hidden=64, vision_layers=4, vision_heads=4, vision_mlp=256, text_hidden=128, text_layers=4,
              text_heads=4, text_kv_heads=2, text_mlp=512, max_positions=8192)
@@ -127,53 +124,15 @@ def main() -> None:
     torch.manual_seed(0)
 
     adapter, arch = build(args.family, args.geometry)
-    labels = easy_vqa.image_labels("test")
-    first = labels[sorted(labels)[0]]
-    other = next(l for l in (labels[i] for i in sorted(labels)) if l.color != first.color and l.shape == first.shape)
     side = IMAGE_SIDE[args.family, args.geometry]
-    pictures = tuple(load_image(label.path).resize((side, side)) for label in (first, other))
-    question = "what color is the shape?"
-    clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
-    ids = clean.inputs.input_ids[0]
-    answer, image = adapter.answer_position(ids), adapter.image_positions(ids).tolist()
-    lm = adapter.streams["lm"]
-    mid = lm.layers // 2
-    sweeps = {
-        "head sweep @ answer token": [Site("lm", l, "self_attn", h, answer) for l in range(lm.layers)
-                                      for h in range(lm.heads)],
-        f"image-token sweep, lm.{mid}.self_attn": [Site("lm", mid, "self_attn", None, p)
-                                                   for p in image[::args.image_stride]],
-    }
-
-    started = time.perf_counter()
-    receiving, source = adapter.trace(corrupt), adapter.trace(clean)
-    trace_seconds = time.perf_counter() - started
-    full_flops = flops(lambda: forward_with_hook(adapter, corrupt, None))
-    report = {"family": args.family, "geometry": args.geometry, "arch": arch, "tokens": int(ids.shape[0]),
-              "image_tokens": len(image), "vision_positions": adapter.num_positions(clean)["vision"],
-              "threads": args.threads, "trace_seconds_per_pair": round(trace_seconds, 4),
-              "full_forward_flops": full_flops, "sweeps": {}}
-    for name, sites in sweeps.items():
-        measured = engine_cells(adapter, receiving, source, sites, args.repeats)  # the engine's own grouping
-        fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
-        research = research_cells(adapter, clean, corrupt, sites, fast, args.research_cells, (pictures, question))
-        research_cell_seconds = research["seconds_per_cell"]
-        report["sweeps"][name] = {
-            "cells": len(sites), "engine_calls": measured["calls"], "research_cells_timed": research["timed"],
-            "research_seconds_per_cell": research_cell_seconds, "engine_seconds_per_cell": engine_cell,
-            "time_ratio": research_cell_seconds / engine_cell,
-            "time_ratio_research_with_processor": research["seconds_per_cell_with_processor"] / engine_cell,
-            "time_ratio_with_traces": research_cell_seconds / (engine_cell + trace_seconds / len(sites)),
-            "research_flops_per_cell": 3 * full_flops, "engine_flops_per_cell": engine_flops,
-            "flops_ratio": 3 * full_flops / engine_flops, "max_abs_logit_difference": research["max_error"],
-            "max_abs_patch_effect": float((fast - receiving.logits).abs().max())}
-
-    text_tokens = int(ids.shape[0]) - len(image)
+    report = {"family": args.family, "geometry": args.geometry, "arch": arch, "threads": args.threads,
+              **measure(adapter, color_pair(side), args.repeats, args.research_cells, args.image_stride)}
+    text_tokens = report["tokens"] - report["image_tokens"]
     if args.family == "gemma3":
         report["projections"] = gemma3_projections(text_tokens)
     else:
-        tiles = adapter.num_positions(clean)["vision"] // adapter.vision_positions()
-        report["projections"] = [onevision_projection(3699 if args.geometry == "tiny" else len(image), text_tokens,
+        tiles = report["vision_positions"] // adapter.vision_positions()
+        report["projections"] = [onevision_projection(3699 if args.geometry == "tiny" else report["image_tokens"], text_tokens,
                                                       5 if args.geometry == "tiny" else tiles)]
     print(json.dumps(report, indent=2))
 

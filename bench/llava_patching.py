@@ -94,8 +94,9 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def measure(adapter, pair: tuple, repeats: int, research_count: int) -> dict:
-    """Both ways on one pair: the answer-token head sweep and an image-token sweep, time and FLOPs per cell."""
+def measure(adapter, pair: tuple, repeats: int, research_count: int, image_stride: int = 1) -> dict:
+    """Both ways on one pair: the answer-token head sweep and an image-token sweep (every `image_stride`-th image
+    token), time and FLOPs per cell."""
     pictures, question = pair
     clean, corrupt = adapter.runs_for(pictures[0], pictures[1], question, question)
     ids = clean.inputs.input_ids[0]
@@ -105,7 +106,7 @@ def measure(adapter, pair: tuple, repeats: int, research_count: int) -> dict:
     sweeps = {
         "head sweep @ answer token": [Site("lm", l, "self_attn", h, answer) for l in range(lm.layers)
                                       for h in range(lm.heads)],
-        f"image-token sweep, lm.{mid}.self_attn": [Site("lm", mid, "self_attn", None, p) for p in image],
+        f"image-token sweep, lm.{mid}.self_attn": [Site("lm", mid, "self_attn", None, p) for p in image[::image_stride]],
     }
 
     started = time.perf_counter()
@@ -113,6 +114,7 @@ def measure(adapter, pair: tuple, repeats: int, research_count: int) -> dict:
     trace_seconds = time.perf_counter() - started
     full_flops = flops(lambda: forward_with_hook(adapter, corrupt))
     report: dict = {"tokens": int(ids.shape[0]), "image_tokens": len(image),
+                    "vision_positions": adapter.num_positions(clean)["vision"],
                     "trace_seconds_per_pair": round(trace_seconds, 4), "full_forward_flops": full_flops, "sweeps": {}}
     for name, sites in sweeps.items():
         measured = engine_cells(adapter, receiving, source, sites, repeats)  # the engine's own grouping
