@@ -26,9 +26,8 @@ import statistics
 import time
 
 import torch
-from research_way import color_pair, engine_cells, flops, forward_with_hook, research_cells
+from research_way import color_pair, cross_head_sweep
 
-from notice.models.base import Site
 from notice.models.mllama import MllamaAdapter
 
 GEOMETRIES = {
@@ -139,34 +138,10 @@ def main() -> None:
     pictures, question = color_pair()
     clean, corrupt = adapter.runs_for(*pictures, question, question)
 
-    lm, count = adapter.streams["lm"], adapter.num_positions(clean)["lm"]
-    sweep = [Site("lm", l, "cross_attn", h, p) for l in lm.layers_of["cross_attn"] for h in range(lm.heads)
-             for p in range(count)]
-    step = max(1, len(sweep) // args.cells)
-    sites = sweep[::step][:args.cells]
-
-    started = time.perf_counter()
-    receiving, source = adapter.trace(corrupt, {"lm"}), adapter.trace(clean, {"lm"})
-    trace_seconds = time.perf_counter() - started
-    measured = engine_cells(adapter, receiving, source, sites, args.repeats)
-    fast = measured["logits"]
-
-    research = research_cells(adapter, clean, corrupt, sites, fast, args.research_cells)
-    research_seconds = research["seconds_per_cell"]
-    research_flops = 3 * flops(lambda: forward_with_hook(adapter, corrupt))
-
-    report = {
-        "geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
-        "positions": adapter.num_positions(clean), "image_states": adapter.image_token_count(),
-        "sweep_cells": len(sweep), "cells_timed_engine": len(sites), "cells_timed_research": research["timed"],
-        "engine_calls": measured["calls"], "engine_runs_seconds": measured["runs_seconds"],
-        "research_cell_seconds": research["runs_seconds"], "trace_seconds_per_pair": round(trace_seconds, 3),
-        "research_seconds_per_cell": research_seconds, "engine_seconds_per_cell": measured["seconds_per_cell"],
-        "time_ratio": research_seconds / measured["seconds_per_cell"],
-        "research_flops_per_cell": research_flops, "engine_flops_per_cell": measured["flops_per_cell"],
-        "flops_ratio": research_flops / measured["flops_per_cell"], "max_abs_logit_difference": research["max_error"],
-        "max_abs_patch_effect": float((fast - receiving.logits).abs().max()),
-    }
+    count = adapter.num_positions(clean)["lm"]
+    report = {"geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
+              "image_states": adapter.image_token_count(),
+              **cross_head_sweep(adapter, clean, corrupt, "lm", count, args.cells, args.repeats, args.research_cells)}
     big = llama_11b_vision_flops(tokens=count)
     report["llama-3.2-11b-vision projection"] = {**big, "flops_ratio": big["research_cell"] / big["engine_cell_lm_cross_head"]}
     print(json.dumps(report, indent=2))

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-from research_way import color_pair, engine_cells, flops, forward_with_hook, research_cells
+from research_way import color_pair, cross_head_sweep
 
-from notice.models.base import Site
 from notice.models.qformer import InstructBlipAdapter
 
 GEOMETRIES = {
@@ -132,35 +131,10 @@ def main() -> None:
     pictures, question = color_pair()
     clean, corrupt = adapter.runs_for(*pictures, question, question)
 
-    qformer = adapter.streams["qformer"]
-    sweep = [Site("qformer", l, "cross_attn", h, p) for l in qformer.layers_of["cross_attn"] for h in range(qformer.heads)
-             for p in range(adapter.queries)]
-    step = max(1, len(sweep) // args.cells)
-    sites = sweep[::step][:args.cells]
-
-    started = time.perf_counter()
-    receiving, source = adapter.trace(corrupt, {"qformer"}), adapter.trace(clean, {"qformer"})
-    trace_seconds = time.perf_counter() - started
-    measured = engine_cells(adapter, receiving, source, sites, args.repeats)
-    fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
-
-    research = research_cells(adapter, clean, corrupt, sites, fast, args.research_cells)
-    research_seconds = research["seconds_per_cell"]
-    research_flops = 3 * flops(lambda: forward_with_hook(adapter, corrupt))
-
-    counts = adapter.num_positions(clean)
-    report = {
-        "geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
-        "positions": counts, "sweep_cells": len(sweep), "cells_timed_engine": len(sites),
-        "cells_timed_research": research["timed"], "engine_calls": measured["calls"],
-        "engine_runs_seconds": measured["runs_seconds"],
-        "research_cell_seconds": research["runs_seconds"], "trace_seconds_per_pair": round(trace_seconds, 3),
-        "research_seconds_per_cell": research_seconds, "engine_seconds_per_cell": engine_cell,
-        "time_ratio": research_seconds / engine_cell,
-        "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
-        "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": research["max_error"],
-        "max_abs_patch_effect": float((fast - receiving.logits).abs().max()),
-    }
+    report = {"geometry": args.geometry, "threads": args.threads, "build_seconds": round(build_seconds, 1),
+              **cross_head_sweep(adapter, clean, corrupt, "qformer", adapter.queries, args.cells, args.repeats,
+                                 args.research_cells)}
+    counts = report["positions"]
     big = instructblip_7b_flops(text_tokens=counts["lm"] - adapter.queries, instruction_tokens=counts["qformer"] - adapter.queries)
     report["instructblip-vicuna-7b projection"] = {**big, "flops_ratio": big["research_cell"] / big["engine_cell_qformer_cross_head"]}
     print(json.dumps(report, indent=2))

@@ -116,3 +116,34 @@ def color_pair(size: int | None = None) -> tuple:
     if size is not None:
         pictures = tuple(p.resize((size, size)) for p in pictures)
     return pictures, "what color is the shape?"
+
+
+def cross_head_sweep(adapter, clean, corrupt, stream: str, positions: int, cells: int, repeats: int,
+                     research_count: int) -> dict:
+    """Every cross-attention head of `stream` at each of its first `positions` positions: `cells` of them,
+    spread evenly over the sweep, timed the engine's way and `research_count` of those the research code's;
+    the report fields the cross-attention benchmarks share."""
+    facts = adapter.streams[stream]
+    sweep = [Site(stream, l, "cross_attn", h, p) for l in facts.layers_of["cross_attn"] for h in range(facts.heads)
+             for p in range(positions)]
+    sites = sweep[::max(1, len(sweep) // cells)][:cells]
+
+    started = time.perf_counter()
+    receiving, source = adapter.trace(corrupt, {stream}), adapter.trace(clean, {stream})
+    trace_seconds = time.perf_counter() - started
+    measured = engine_cells(adapter, receiving, source, sites, repeats)
+    fast, engine_cell, engine_flops = measured["logits"], measured["seconds_per_cell"], measured["flops_per_cell"]
+    research = research_cells(adapter, clean, corrupt, sites, fast, research_count)
+    research_seconds = research["seconds_per_cell"]
+    research_flops = 3 * flops(lambda: forward_with_hook(adapter, corrupt))
+    return {
+        "positions": adapter.num_positions(clean), "sweep_cells": len(sweep), "cells_timed_engine": len(sites),
+        "cells_timed_research": research["timed"], "engine_calls": measured["calls"],
+        "engine_runs_seconds": measured["runs_seconds"],
+        "research_cell_seconds": research["runs_seconds"], "trace_seconds_per_pair": round(trace_seconds, 3),
+        "research_seconds_per_cell": research_seconds, "engine_seconds_per_cell": engine_cell,
+        "time_ratio": research_seconds / engine_cell,
+        "research_flops_per_cell": research_flops, "engine_flops_per_cell": engine_flops,
+        "flops_ratio": research_flops / engine_flops, "max_abs_logit_difference": research["max_error"],
+        "max_abs_patch_effect": float((fast - receiving.logits).abs().max()),
+    }
