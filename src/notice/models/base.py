@@ -84,6 +84,14 @@ class StreamFacts:
     layers_of: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
     rows_of: Mapping[str, int] = field(default_factory=dict, hash=False)
 
+    @classmethod
+    def of(cls, name: str, config, components: tuple[str, ...], positions: str, description: str,
+           layers: int | None = None, **facts) -> "StreamFacts":
+        """A stack's facts read from its transformers config (layers, heads, width), e.g. a vision tower's."""
+        heads = config.num_attention_heads
+        return cls(name, layers or config.num_hidden_layers, heads, config.hidden_size // heads, config.hidden_size,
+                   components, positions, description, **facts)
+
     def has(self, component: str, layer: int) -> bool:
         """Whether `layer` of this stream has `component`."""
         return component in self.components and layer in self.layers_of.get(component, range(self.layers))

@@ -59,16 +59,11 @@ class BlipAdapter(ModelAdapter):
         patches = self.grid * self.grid
         bert = ("layer", "self_attn", "cross_attn", "mlp")
         self.streams = {
-            "vision": StreamFacts("vision", vision.num_hidden_layers, vision.num_attention_heads,
-                                  vision.hidden_size // vision.num_attention_heads, vision.hidden_size,
-                                  ("layer", "self_attn", "mlp"), "patch",
-                                  f"ViT image encoder over {patches + 1} tokens ([CLS] + {self.grid}x{self.grid} patches)"),
-            "text": StreamFacts("text", text.num_hidden_layers, text.num_attention_heads,
-                                text.hidden_size // text.num_attention_heads, text.hidden_size, bert, "token",
-                                "question encoder; cross-attends the image tokens"),
-            "decoder": StreamFacts("decoder", text.num_hidden_layers, text.num_attention_heads,
-                                   text.hidden_size // text.num_attention_heads, text.hidden_size, bert, "answer",
-                                   "answer decoder; cross-attends the question tokens", reads_answer=True),
+            "vision": StreamFacts.of("vision", vision, ("layer", "self_attn", "mlp"), "patch",
+                                     f"ViT image encoder over {patches + 1} tokens ([CLS] + {self.grid}x{self.grid} patches)"),
+            "text": StreamFacts.of("text", text, bert, "token", "question encoder; cross-attends the image tokens"),
+            "decoder": StreamFacts.of("decoder", text, bert, "answer", "answer decoder; cross-attends the question tokens",
+                                      reads_answer=True),
         }
         self.stream_maps = STREAM_MAPS
         self.blocks = {

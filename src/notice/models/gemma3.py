@@ -73,11 +73,9 @@ class Gemma3Adapter(ImageTokenAdapter):
         self.window = int(text.sliding_window)
         sliding = [l for l, kind in enumerate(self.layer_types) if kind == SLIDING]
         self.streams = {
-            "vision": StreamFacts("vision", vision.num_hidden_layers, vision.num_attention_heads,
-                                  vision.hidden_size // vision.num_attention_heads, vision.hidden_size,
-                                  ("layer", "self_attn", "mlp"), "patch",
-                                  f"SigLIP vision tower over {self.grid}x{self.grid} patches (no [CLS]); every layer "
-                                  "feeds the projector through the tower's post-LayerNorm"),
+            "vision": StreamFacts.of("vision", vision, ("layer", "self_attn", "mlp"), "patch",
+                                     f"SigLIP vision tower over {self.grid}x{self.grid} patches (no [CLS]); every layer "
+                                     "feeds the projector through the tower's post-LayerNorm"),
             "projector": StreamFacts("projector", 1, 0, 0, text.hidden_size, ("layer",), "image token",
                                      f"multimodal projector output: the patches average-pooled to {self.side}x"
                                      f"{self.side} = {self.image_token_count()} image tokens, RMS-normed, projected"),

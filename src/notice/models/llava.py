@@ -68,11 +68,10 @@ class LlavaAdapter(ImageTokenAdapter):
         kv_heads = int(text.num_key_value_heads or text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         self.streams = {
-            "vision": StreamFacts("vision", self.vision_layers_used, vision.num_attention_heads,
-                                  vision.hidden_size // vision.num_attention_heads, vision.hidden_size,
-                                  ("layer", "self_attn", "mlp"), "patch",
-                                  f"CLIP vision tower over {self.grid ** 2 + 1} tokens ([CLS] + {self.grid}x{self.grid} "
-                                  f"patches); layers 0..{self.vision_layers_used - 1} feed the projector"),
+            "vision": StreamFacts.of("vision", vision, ("layer", "self_attn", "mlp"), "patch",
+                                     f"CLIP vision tower over {self.grid ** 2 + 1} tokens ([CLS] + {self.grid}x{self.grid} "
+                                     f"patches); layers 0..{self.vision_layers_used - 1} feed the projector",
+                                     layers=self.vision_layers_used),
             "projector": StreamFacts("projector", 1, 0, 0, text.hidden_size, ("layer",), "image token",
                                      f"multimodal projector output: {self.image_token_count()} image tokens"),
             "lm": StreamFacts("lm", text.num_hidden_layers, text.num_attention_heads, head_dim, text.hidden_size,

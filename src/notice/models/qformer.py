@@ -102,18 +102,14 @@ class QFormerAdapter(ImageTokenAdapter):
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
         readers = "the query tokens" + (", then the instruction's wordpieces" if self.reads_instruction else "")
         self.streams = {
-            "vision": StreamFacts("vision", vision.num_hidden_layers, vision.num_attention_heads,
-                                  vision.hidden_size // vision.num_attention_heads, vision.hidden_size,
-                                  ("layer", "self_attn", "mlp"), "patch",
-                                  f"ViT image encoder over {self.grid ** 2 + 1} tokens ([CLS] + {self.grid}x{self.grid} "
-                                  "patches)"),
-            "qformer": StreamFacts("qformer", qformer.num_hidden_layers, qformer.num_attention_heads,
-                                   qformer.hidden_size // qformer.num_attention_heads, qformer.hidden_size,
-                                   ("layer", "self_attn", "cross_attn", "mlp"),
-                                   "query/instruction token" if self.reads_instruction else "query token",
-                                   f"Q-Former over {readers}; the {self.queries} query tokens cross-attend the image "
-                                   f"on layers {', '.join(map(str, crossing))}",
-                                   layers_of={"cross_attn": crossing}, rows_of={"cross_attn": self.queries}),
+            "vision": StreamFacts.of("vision", vision, ("layer", "self_attn", "mlp"), "patch",
+                                     f"ViT image encoder over {self.grid ** 2 + 1} tokens ([CLS] + {self.grid}x{self.grid} "
+                                     "patches)"),
+            "qformer": StreamFacts.of("qformer", qformer, ("layer", "self_attn", "cross_attn", "mlp"),
+                                      "query/instruction token" if self.reads_instruction else "query token",
+                                      f"Q-Former over {readers}; the {self.queries} query tokens cross-attend the image "
+                                      f"on layers {', '.join(map(str, crossing))}",
+                                      layers_of={"cross_attn": crossing}, rows_of={"cross_attn": self.queries}),
             "projector": StreamFacts("projector", 1, 0, 0, text.hidden_size, ("layer",), "image token",
                                      f"language projection of the {self.queries} query outputs: the LM's image tokens"),
             "lm": StreamFacts("lm", text.num_hidden_layers, heads, head_dim, text.hidden_size,
